@@ -1,0 +1,244 @@
+"""Prompt builders: pure functions from structured inputs to chat messages.
+
+Each builder returns a `Prompt` that names its task; the LLM client keys usage, caching and the offline
+backend on that name, and the offline backend works from `inputs`, never from the rendered text.
+The wording is this project's own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import config
+
+AGENT_TASKS = {
+    "core": "agent.core",
+    "episodic": "agent.episodic",
+    "semantic": "agent.semantic",
+    "procedural": "agent.procedural",
+}
+TASK_CORE_COMPRESS = "core.compress"
+TASK_ANSWER = "answer"
+TASK_JUDGE_PAPER = "judge.paper"
+TASK_JUDGE_LONGMEMEVAL = "judge.longmemeval"
+TASK_QA_GENERATE = "qa.generate"
+
+TYPE_TAGS = {"episodic": "[EPISODIC]", "semantic": "[SEMANTIC]", "procedural": "[PROCEDURAL]"}
+
+
+@dataclass
+class Prompt:
+    task: str
+    messages: list[dict]
+    inputs: dict = field(default_factory=dict)
+
+
+def _msgs(system: str, user: str) -> list[dict]:
+    return [{"role": "system", "content": system.strip()}, {"role": "user", "content": user.strip()}]
+
+
+def _numbered(texts: list[str]) -> str:
+    if not texts:
+        return "(none yet)"
+    return "\n".join(f"{i}. {t}" for i, t in enumerate(texts, 1))
+
+
+# --------------------------------------------------------------------------- memory-building agents
+
+_COMMON_RULES = """
+Reply with one JSON object and nothing else: no prose, no code fences.
+Write memories in English, in the third person where a name is known, and keep names, numbers, places and dates exact.
+Only record what the conversation supports; never invent details.
+"""
+
+_CORE_SYSTEM = """
+You maintain the CORE MEMORY of a long-term assistant: one short text block describing the user that is shown
+with every future question. It keeps only durable facts: identity and name, occupation and role, where they live,
+personality, stable preferences and values, important relationships, long-term goals, habits and milestones.
+Passing events, one-off plans and small talk do not belong here (other memories keep those).
+
+Choose exactly ONE operation for this session:
+- APPEND: add new durable facts as a new line. Use it while the block is under 90% of its limit.
+  {"operation": "APPEND", "content": "<the new line(s)>"}
+- REPLACE: correct a fact that this session shows is outdated. old_text must be copied exactly from the block.
+  {"operation": "REPLACE", "old_text": "<exact text in the block>", "new_text": "<corrected text>"}
+- REWRITE: rewrite the whole block, keeping every durable fact in a compact, organised form. Use it when the block
+  is over 90% full or badly organised.
+  {"operation": "REWRITE", "content": "<the complete new block>"}
+If the session holds nothing durable, APPEND a brief line with the most useful stable detail it does contain.
+Keep what you write short: a line or two for APPEND and REPLACE.
+""" + _COMMON_RULES
+
+_EPISODIC_SYSTEM = """
+You maintain the EPISODIC MEMORY of a long-term assistant: time-anchored events from the user's life and
+conversations, one event per entry. Each entry has the form
+  "<absolute date>: <one-sentence summary> | Details: <the original time phrase, how the date was worked out, and the useful details>"
+where <absolute date> is YYYY-MM-DD (add HH:MM when known), or YYYY-MM or YYYY when that is all that is known.
+Convert every relative time ("yesterday", "last Friday", "two weeks ago", "next month") into an absolute date using
+the session time, and say in Details how you computed it. Events without any time take the session date.
+
+Operations (return a list; an empty list is a valid answer when nothing new happened):
+- ADD a new event: {"action": "ADD", "memory": "<entry>"}
+- UPDATE an existing entry with new or corrected information (the old entry is kept for history; copy it exactly):
+  {"action": "UPDATE", "old_memory": "<existing entry, verbatim>", "new_memory": "<updated entry>"}
+- MERGE several existing entries that describe one event (the old entries are kept for history; copy them exactly):
+  {"action": "MERGE", "old_memories": ["<entry>", "<entry>"], "new_memory": "<merged entry>"}
+Output: {"operations": [ ... ]}
+""" + _COMMON_RULES
+
+_SEMANTIC_SYSTEM = """
+You maintain the SEMANTIC MEMORY of a long-term assistant: lasting knowledge about the people, pets, places,
+work, hobbies, possessions and topics in the user's life. One entry per fine-grained topic, in the form
+  "<Name - Topic>: <summary> | Details: <specifics>"
+for example "Alex - Dog": "Alex - Dog: has a beagle named Pepper | Details: adopted from a shelter; Pepper is 3 years old".
+General knowledge that anyone would know is not personal memory: SKIP it.
+
+Operations (return a list; an empty list is a valid answer):
+- ADD new knowledge: {"action": "ADD", "memory": "<entry>"}
+- UPDATE an entry whose facts changed or grew (the old entry is kept for history; copy it exactly):
+  {"action": "UPDATE", "old_memory": "<existing entry, verbatim>", "new_memory": "<updated entry>"}
+- SKIP something not worth storing: {"action": "SKIP", "reason": "<why>"}
+Output: {"operations": [ ... ]}
+""" + _COMMON_RULES
+
+_PROCEDURAL_SYSTEM = """
+You maintain the PROCEDURAL MEMORY of a long-term assistant: step-by-step processes, methods and routines that the
+user follows or worked out in the conversation (a recipe, a workout routine, a setup procedure). Entry form:
+  "<what the procedure achieves> | Steps: 1. ... 2. ... 3. ... | Context: <when or why it is used>"
+Most sessions contain no procedure: then the right answer is an empty list.
+
+Operations:
+- ADD a new procedure: {"action": "ADD", "memory": "<entry>"}
+- UPDATE a stored procedure that changed (the old entry is kept for history; copy it exactly):
+  {"action": "UPDATE", "old_memory": "<existing entry, verbatim>", "new_memory": "<updated entry>"}
+Output: {"operations": [ ... ]}
+""" + _COMMON_RULES
+
+
+def _session_block(session_text: str, session_time: str | None, with_time: bool) -> str:
+    head = f"Session time: {session_time or 'unknown'}\n" if with_time else ""
+    return f"{head}Conversation of this session (one message per line):\n{session_text}"
+
+
+def core_agent_prompt(core: str, session_text: str, char_limit: int = config.CORE_MEMORY_CHAR_LIMIT) -> Prompt:
+    usage = 100.0 * len(core) / char_limit if char_limit else 0.0
+    user = (
+        f"Current core memory ({len(core)} of {char_limit} characters, {usage:.1f}% full):\n"
+        f"{core if core.strip() else '(empty)'}\n\n"
+        f"{_session_block(session_text, None, with_time=False)}\n\n"
+        "Return the single operation as JSON."
+    )
+    return Prompt(AGENT_TASKS["core"], _msgs(_CORE_SYSTEM, user),
+                  {"core": core, "session_text": session_text, "usage_pct": round(usage, 1)})
+
+
+def entry_agent_prompt(agent: str, existing: list[str], session_text: str, session_time: str | None) -> Prompt:
+    system = {"episodic": _EPISODIC_SYSTEM, "semantic": _SEMANTIC_SYSTEM, "procedural": _PROCEDURAL_SYSTEM}[agent]
+    with_time = agent == "episodic"
+    user = (
+        f"Existing {agent} memories most related to this session:\n{_numbered(existing)}\n\n"
+        f"{_session_block(session_text, session_time, with_time=with_time)}\n\n"
+        'Return {"operations": [...]} as JSON.'
+    )
+    inputs = {"existing": list(existing), "session_text": session_text}
+    if with_time:
+        inputs["session_time"] = session_time
+    return Prompt(AGENT_TASKS[agent], _msgs(system, user), inputs)
+
+
+def agent_prompt(agent: str, *, core: str, existing: list[str], session_text: str, session_time: str | None) -> Prompt:
+    if agent == "core":
+        return core_agent_prompt(core, session_text)
+    return entry_agent_prompt(agent, existing, session_text, session_time)
+
+
+def core_compress_prompt(core: str, target_chars: int = config.CORE_MEMORY_COMPRESS_TARGET) -> Prompt:
+    system = f"""
+You compress the core memory of a long-term assistant. Rewrite the block in at most about {target_chars} characters.
+Keep, in this order of priority: identity (name, age, location, occupation), critical facts and relationships,
+stable preferences and goals, then habits. Merge duplicates, drop passing details, keep names and dates exact.
+Reply with JSON only: {{"content": "<the compressed block>"}}
+"""
+    user = f"Core memory to compress ({len(core)} characters):\n{core}"
+    return Prompt(TASK_CORE_COMPRESS, _msgs(system, user), {"core": core, "target_chars": target_chars})
+
+
+# --------------------------------------------------------------------------- answering
+
+_ANSWER_SYSTEM = """
+You answer questions about a user from their long-term memory: a core profile and memories retrieved for the
+question. Rules:
+- Answer factual questions only from the memories. Use the dates in them; work out durations and orders of events
+  from those dates, relative to the current date when one is given.
+- When memories contradict each other, trust the most recent one.
+- For questions asking what would, could or is likely, reasonable inference from the memories is allowed.
+- If the memories do not contain the answer, reply exactly: Not answerable
+- Be concise: give the answer itself (a name, date, number or short phrase), not an explanation.
+"""
+
+
+def render_entry(entry_type: str, text: str) -> str:
+    return f"{TYPE_TAGS.get(entry_type, '[' + entry_type.upper() + ']')} {text}"
+
+
+def answer_prompt(question: str, core: str, entries: list[tuple[str, str]], current_time: str | None) -> Prompt:
+    """entries: (type, text) pairs in retrieval order."""
+    rendered = "\n".join(f"{i}. {render_entry(t, x)}" for i, (t, x) in enumerate(entries, 1)) or "(no memories retrieved)"
+    user = (
+        f"Core memory:\n{core if core.strip() else '(empty)'}\n\n"
+        f"Retrieved memories:\n{rendered}\n\n"
+        f"Current date: {current_time or 'unknown'}\n"
+        f"Question: {question}\n"
+        "Answer:"
+    )
+    return Prompt(TASK_ANSWER, _msgs(_ANSWER_SYSTEM, user),
+                  {"question": question, "core": core, "entries": [list(e) for e in entries],
+                   "current_time": current_time})
+
+
+# --------------------------------------------------------------------------- judging
+
+_JUDGE_PAPER_SYSTEM = """
+You grade an answer produced by a memory system against a gold answer. Be generous:
+- CORRECT when the answer refers to the same fact, topic or entity as the gold answer, even if it is longer, worded
+  differently or only partly phrased the same way. Dates in any format that denote the same date are CORRECT.
+- If the gold answer says the question is not answerable, any reply expressing that the information is not available
+  is CORRECT; a specific answer is WRONG.
+- If the gold answer is specific, a reply saying it is not answerable or unknown is WRONG.
+- The right fact attributed to the wrong person is WRONG.
+Reply with JSON only: {"label": "CORRECT"} or {"label": "WRONG"}
+"""
+
+
+def judge_paper_prompt(question: str, gold: str, answer: str) -> Prompt:
+    user = f"Question: {question}\nGold answer: {gold}\nAnswer to grade: {answer}"
+    return Prompt(TASK_JUDGE_PAPER, _msgs(_JUDGE_PAPER_SYSTEM, user),
+                  {"question": question, "gold": gold, "answer": answer})
+
+
+_LME_RULES = {
+    "default": "CORRECT if the response contains the gold answer or is equivalent to it; a response that only "
+               "gives part of what the gold requires is WRONG.",
+    "temporal-reasoning": "CORRECT if the response contains the gold answer or is equivalent to it. Do not penalise "
+                          "an off-by-one error in a number of days, weeks or months (e.g. 18 vs 19 days).",
+    "knowledge-update": "CORRECT if the response gives the updated (latest) answer. A response that also mentions "
+                        "earlier values is still CORRECT as long as the updated answer is given as the current one.",
+    "single-session-preference": "The gold is a rubric describing what a good personalised response does. CORRECT if "
+                                 "the response recalls and uses the user's personal information as the rubric asks; "
+                                 "it need not satisfy every point.",
+    "abstention": "The question cannot be answered from the history. CORRECT if the response says the information is "
+                  "not available or the question cannot be answered; WRONG if it gives a specific answer.",
+}
+
+
+def judge_longmemeval_prompt(question: str, gold: str, answer: str, question_type: str, abstention: bool) -> Prompt:
+    rule = _LME_RULES["abstention"] if abstention else _LME_RULES.get(question_type, _LME_RULES["default"])
+    system = (
+        "You grade a chat assistant's response to a question about the user's conversation history "
+        f"(LongMemEval, question type: {question_type}).\nRule: {rule}\n"
+        'Reply with JSON only: {"label": "CORRECT"} or {"label": "WRONG"}'
+    )
+    gold_name = "Rubric" if question_type == "single-session-preference" else "Gold answer"
+    user = f"Question: {question}\n{gold_name}: {gold}\nResponse to grade: {answer}"
+    return Prompt(TASK_JUDGE_LONGMEMEVAL, _msgs(system, user),
+                  {"question": question, "gold": gold, "answer": answer, "question_type": question_type,
+                   "abstention": abstention})
