@@ -176,14 +176,23 @@ class Journal:
         self._lock = asyncio.Lock()
 
     async def put(self, rec: dict) -> None:
+        # Flushed at once, so a killed process loses nothing finished; fsync (power loss) runs off the event loop.
         async with self._lock:
             self.records[rec["question_id"]] = rec
             self._fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
             self._fh.flush()
-            os.fsync(self._fh.fileno())
+            self._dirty = True
+
+    async def sync(self) -> None:
+        if getattr(self, "_dirty", False):
+            self._dirty = False
+            await asyncio.to_thread(os.fsync, self._fh.fileno())
 
     def close(self) -> None:
-        self._fh.close()
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
 
 
 # --------------------------------------------------------------------------- progress
@@ -259,7 +268,7 @@ async def build_sample(sample: Sample, rc: RunConfig, builder: LLMClient, embedd
         except LLMCallError as exc:  # embedding or compression transport failure: the state stays pre-session
             stats.sample_errors[sample.id] = f"session {session.id}: {exc.reason}"
             ms.meta["build_error"] = stats.sample_errors[sample.id]
-            ms.save(sdir)
+            await asyncio.to_thread(ms.save, sdir)
             log.error("sample %s stopped at session %s: %s", sample.id, session.id, exc.reason)
             return ms
         stats.sessions_built += 1
@@ -270,7 +279,7 @@ async def build_sample(sample: Sample, rc: RunConfig, builder: LLMClient, embedd
                                          "reason": reason})
         ms.meta.pop("build_error", None)
         ms.meta["complete"] = len(ms.meta["sessions_done"]) >= len(sample.sessions)
-        ms.save(sdir)
+        await asyncio.to_thread(ms.save, sdir)  # the next session waits for it; other samples go on
         progress.update("session")
     return ms
 
@@ -379,6 +388,8 @@ async def run(rc: RunConfig, samples: list[Sample]) -> dict:
 
             t0 = time.perf_counter()
             await asyncio.gather(*(q_task(q) for q in qs))
+            await answers.sync()
+            await judgments.sync()
             qa_time.append(time.perf_counter() - t0)
 
         if args.mode == "answer":
