@@ -372,7 +372,8 @@ class LLMClient:
 
         st = self._loop_state()
         last_exc: BaseException | None = None
-        for attempt in range(self.settings.max_retries + 1):
+        attempt = 0
+        while attempt <= self.settings.max_retries:
             kwargs: dict[str, Any] = {"model": self.model, "messages": prompt.messages, "temperature": temperature,
                                       "extra_headers": {TASK_HEADER: prompt.task}}
             if self.settings.max_tokens:
@@ -396,7 +397,7 @@ class LLMClient:
                 if "response_format" in kwargs and "response_format" in str(exc):
                     log.warning("server rejected JSON mode; continuing without it")
                     self._json_mode_supported = False
-                    continue
+                    continue  # not a failed attempt: the same request again, without JSON mode
                 raise LLMCallError(f"bad request: {exc}", task=prompt.task, attempts=attempt + 1) from exc
             except Exception as exc:  # noqa: BLE001 - classified below
                 if not _is_retryable(exc):
@@ -405,6 +406,7 @@ class LLMClient:
                 if attempt < self.settings.max_retries:
                     self.usage.record_retry(prompt.task)
                     await self._backoff(attempt, exc)
+            attempt += 1
         raise LLMCallError(f"gave up after {self.settings.max_retries + 1} attempts: {_describe(last_exc)}",
                            task=prompt.task, attempts=self.settings.max_retries + 1)
 
@@ -435,7 +437,9 @@ class LLMClient:
                     continue
                 break
             if self.cache and not res.cached:
-                self.cache.put(self._cache_key(prompt, temperature, json_mode), {"text": res.text, "model": res.model})
+                # Keyed by the first attempt's request, so a rerun gets the accepted reply without any retry.
+                self.cache.put(self._cache_key(prompt, self.settings.temperature, json_mode),
+                               {"text": res.text, "model": res.model})
             res.attempts = attempts
             return value, res
         self.usage.record_failure(prompt.task)

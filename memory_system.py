@@ -387,7 +387,8 @@ class VectorIndex:
         import faiss
 
         index = faiss.read_index(str(path))
-        vi = cls(dim=index.d)
+        # An empty index was saved with a placeholder dimension: let the first add fix the real one.
+        vi = cls(dim=index.d if index.ntotal else None)
         if index.ntotal:
             vi._index = index
         return vi

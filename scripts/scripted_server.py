@@ -110,8 +110,9 @@ class ScriptedServer:
     def __init__(self, responder: Responder | None = None, *, latency_s: float = 0.0, fail_500: float = 0.0,
                  fail_429: float = 0.0, malformed: float = 0.0, malformed_prefix: str = "agent.",
                  fault_embeddings: bool = True, seed: int = 0, embed_dim: int = 64, host: str = "127.0.0.1",
-                 port: int = 0, keep_bodies: bool = True):
+                 port: int = 0, keep_bodies: bool = True, reject_response_format: bool = False):
         self.responder = responder or default_responder
+        self.reject_response_format = reject_response_format  # act like a server without JSON mode (HTTP 400)
         self.latency_s = latency_s
         self.fail_500, self.fail_429, self.malformed = fail_500, fail_429, malformed
         self.malformed_prefix = malformed_prefix
@@ -174,6 +175,10 @@ class ScriptedServer:
             try:
                 if self.latency_s:
                     await asyncio.sleep(self.latency_s)
+                if self.reject_response_format and "response_format" in body:
+                    rec.status, rec.fault = 400, "response_format"
+                    return JSONResponse({"error": {"message": "response_format is not supported by this server",
+                                                   "type": "invalid_request_error"}}, 400)
                 fault = self._fault()
                 if fault:
                     rec.status, rec.fault = int(fault), fault
