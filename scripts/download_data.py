@@ -112,7 +112,7 @@ def download(files: list[RemoteFile], data_dir: Path, *, mirror: str | None, for
     return failed
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", nargs="+", choices=("locomo", "longmemeval", "perltqa"),
                    default=["locomo", "longmemeval", "perltqa"])
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     files = [rf for name in args.datasets for rf in remote_files(name, args.longmemeval_variant)]
     failed = download(files, args.data_dir, mirror=args.mirror, force=args.force, timeout=args.timeout)
     if not failed:

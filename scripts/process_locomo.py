@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.datasets import DatasetError, load_dataset, save_dialogues  # noqa: E402
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", type=Path, default=None,
                    help="raw LoCoMo file (default: data-dir/locomo/locomo10.json, see eval/datasets.py)")
@@ -29,7 +29,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         samples = load_dataset("locomo", data_dir=args.data_dir, dataset_path=args.input, sample_ids=args.conv_id)
         save_dialogues(samples, args.output)

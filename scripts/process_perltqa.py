@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from eval.datasets import DatasetError, load_dataset, save_dialogues  # noqa: E402
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", type=Path, default=None,
                    help="folder with both PerLTQA files, or the memory file (default: data-dir/perltqa)")
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.qa_input is not None and args.input is None:
         print("error: --qa-input needs --input (the memory file)", file=sys.stderr)
         return 2

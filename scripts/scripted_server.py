@@ -264,8 +264,8 @@ class ScriptedServer:
                     and (status is None or r.status == status)]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.scripted_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
@@ -274,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--malformed", type=float, default=0.0, help="fraction of agent replies with broken JSON")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embed-dim", type=int, default=64)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     srv = ScriptedServer(latency_s=args.latency, fail_500=args.fail_500, fail_429=args.fail_429,
                          malformed=args.malformed, seed=args.seed, embed_dim=args.embed_dim, host=args.host,
                          port=args.port, keep_bodies=False).start()

@@ -58,14 +58,18 @@ def run_runner(args: list[str]) -> dict:
     return proc
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.bench_runner", description=__doc__.split("\n\n")[0])
     p.add_argument("--latency", type=float, default=0.1)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--questions-per-sample", type=int, default=32)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--skip-sequential", action="store_true", help="do not time the one-after-another build")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     server, url = start_scripted_server(args.latency)
     try:
         with tempfile.TemporaryDirectory() as tmp:
