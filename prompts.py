@@ -242,3 +242,83 @@ def judge_longmemeval_prompt(question: str, gold: str, answer: str, question_typ
     return Prompt(TASK_JUDGE_LONGMEMEVAL, _msgs(system, user),
                   {"question": question, "gold": gold, "answer": answer, "question_type": question_type,
                    "abstention": abstention})
+
+
+# --------------------------------------------------------------------------- synthetic session QA
+
+QA_TYPES = ("single-session", "multi-session", "temporal-reasoning")
+QA_SOURCES = ("current_session", "cross_session")
+
+
+def qa_type_mix(n: int) -> dict[str, tuple[int, int]]:
+    """(min, max) questions per type for n questions: about 50 % single-session, 30 % multi-session, 20 % temporal.
+
+    For n = 5: single-session 2-3, multi-session 1-2, temporal-reasoning 1 (PAPER §4).
+    """
+    if n <= 0:
+        return {t: (0, 0) for t in QA_TYPES}
+    temporal = max(1, round(0.2 * n)) if n >= 3 else 0
+    multi_lo = max(1, int(0.3 * n)) if n >= 2 else 0
+    multi_hi = max(multi_lo, -(-3 * n // 10))  # ceil(0.3 n)
+    single_lo = max(1, n - temporal - multi_hi)
+    single_hi = max(single_lo, n - temporal - multi_lo)
+    return {"single-session": (single_lo, single_hi), "multi-session": (multi_lo, multi_hi),
+            "temporal-reasoning": (temporal, temporal)}
+
+
+def _count_range(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def qa_generation_prompt(core: str, entries: list[tuple[str, str]], session_text: str, session_time: str | None,
+                         n_questions: int = config.QA_PER_SESSION) -> Prompt:
+    """Questions that test whether memory built from this session (on top of the earlier memory) can answer them.
+
+    entries: (type, text) pairs of every memory entry that existed before the session.
+    """
+    mix = qa_type_mix(n_questions)
+    has_history = bool(core.strip() or entries)
+    system = f"""
+You write evaluation questions for a personal assistant's long-term memory. You are shown what the assistant
+remembered about the user BEFORE a conversation, and then the conversation itself with its date. Write exactly
+{n_questions} questions that the assistant should be able to answer later, if it remembered this conversation well.
+
+Every question:
+- is asked by the user, in the first person ("What is my ...", "When did I ...", "Which ... did I ...");
+- asks for one fact with a single, short, checkable answer (a name, number, date, place, item or short phrase);
+- is anchored with the specific names, dates, places or objects it is about, so it cannot be confused with
+  anything else in the user's life;
+- is answerable from this conversation, alone or together with the earlier memory; never from general knowledge,
+  and never about what the assistant said unless the user took it up;
+- has an answer stated in or directly implied by the text: do not guess.
+
+Types (aim for this mix):
+- "single-session" ({_count_range(*mix['single-session'])} of them): a detail stated in this conversation.
+- "multi-session" ({_count_range(*mix['multi-session'])} of them): needs this conversation together with an earlier
+  memory (a change, a comparison, a count, or a link between the two). If there is no earlier memory, or nothing in it
+  relates to this conversation, write a single-session question instead.
+- "temporal-reasoning" ({_count_range(*mix['temporal-reasoning'])} of them): about when something happened or how much
+  time lies between events; resolve relative times ("last week", "in two days") against the conversation date and
+  give the answer as an absolute date or a duration.
+
+"source" is "current_session" when the answer comes from this conversation alone, and "cross_session" when it also
+needs the earlier memory.
+
+Reply with one JSON object and nothing else:
+{{"questions": [{{"question": "...", "answer": "...", "type": "single-session|multi-session|temporal-reasoning", "source": "current_session|cross_session"}}]}}
+"""
+    rendered = "\n".join(f"{i}. {render_entry(t, x)}" for i, (t, x) in enumerate(entries, 1)) or "(none)"
+    user = (
+        "MEMORY BEFORE THIS CONVERSATION\n"
+        f"Core memory:\n{core if core.strip() else '(empty)'}\n\n"
+        f"Memory entries ({len(entries)}):\n{rendered}\n\n"
+        "THIS CONVERSATION\n"
+        f"Date: {session_time or 'unknown'}\n"
+        f"Messages (one per line):\n{session_text}\n\n"
+        f"Write the {n_questions} questions as JSON."
+        + ("" if has_history else " There is no earlier memory, so every question is about this conversation.")
+    )
+    return Prompt(TASK_QA_GENERATE, _msgs(system, user),
+                  {"core": core, "entries": [list(e) for e in entries], "session_text": session_text,
+                   "session_time": session_time, "n_questions": n_questions,
+                   "type_mix": {t: list(r) for t, r in mix.items()}})
