@@ -42,16 +42,23 @@ pip_quiet() {
 
 want_stamp="$( { sha256sum "$REQ" | cut -d' ' -f1; echo "$TORCH_SPEC"; } | sha256sum | cut -d' ' -f1)"
 
-venv_ok() {
+# quick: files and installed versions only (no heavy imports)
+venv_present() {
     [[ -x "$VENV/bin/python" && -x "$VENV/bin/llamafactory-cli" ]] || return 1
     "$VENV/bin/python" - <<'PY' >/dev/null 2>&1
 import importlib.metadata as md
 assert md.version("llamafactory") == "0.9.5"
-import torch, torchaudio, transformers  # noqa: F401  (torchaudio: see requirements-sft.txt)
+md.version("torch")
 PY
 }
 
-if [[ "${FORCE:-0}" != "1" && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] && venv_ok; then
+# thorough: the packages really import (after an install)
+venv_ok() {
+    venv_present || return 1
+    "$VENV/bin/python" -c "import torch, torchaudio, transformers, llamafactory.train.tuner" >/dev/null 2>&1
+}
+
+if [[ "${FORCE:-0}" != "1" && -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] && venv_present; then
     log "up to date: $VENV (stamp $want_stamp)"
     exit 0
 fi
@@ -68,18 +75,19 @@ fi
 rm -f "$STAMP"
 
 log "step 1/3: $TORCH_SPEC"
-pip_quiet install "$TORCH_SPEC"
+pip_quiet install --no-compile "$TORCH_SPEC"
 
 log "step 2/3: pinned closure from requirements-sft.txt (--no-deps)"
-pip_quiet install --no-deps -r "$REQ"
+pip_quiet install --no-compile --no-deps -r "$REQ"
 
-log "step 3/3: CPU fix-up for torchaudio"
+log "step 3/3: torchaudio fix-up"
 "$VENV/bin/python" - <<'PY'
-# PyPI's torchaudio wheel links libtorch_cuda; with a CPU-only torch its
-# extension cannot load and `import torchaudio` raises. LLaMA-Factory imports
-# torchaudio at module level but only uses it for audio inputs. torchaudio
-# treats a missing extension as "not built", so drop the CUDA-linked .so files.
-import glob, os, importlib.util
+# PyPI's newest torchaudio for this torch line (2.11.0) is a CUDA build linked
+# against libtorch_cuda; with the CPU-only torch its extension cannot load and
+# `import torchaudio` raises. LLaMA-Factory imports torchaudio at module level
+# (data/mm_plugin.py) but only calls it for audio inputs, and torchaudio treats
+# a missing extension as "not built", so drop the extension libraries.
+import glob, os, importlib, importlib.util, sys
 import torch
 spec = importlib.util.find_spec("torchaudio")
 if spec is None:
@@ -87,13 +95,16 @@ if spec is None:
 try:
     import torchaudio  # noqa: F401
     print("[setup_sft_env] torchaudio imports fine; nothing to do")
-except OSError as exc:
-    if torch.version.cuda is not None:
-        raise
+except (OSError, ImportError, RuntimeError) as exc:
     libdir = os.path.join(os.path.dirname(spec.origin), "lib")
     for so in glob.glob(os.path.join(libdir, "*.so")):
         os.remove(so)
-    print(f"[setup_sft_env] CPU torch: removed torchaudio's CUDA-linked extension ({exc.__class__.__name__})")
+    for name in [m for m in sys.modules if m == "torchaudio" or m.startswith("torchaudio.")]:
+        del sys.modules[name]
+    importlib.import_module("torchaudio")
+    kind = "CPU" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+    print(f"[setup_sft_env] torch {torch.__version__} ({kind}): torchaudio's extension did not load "
+          f"({exc.__class__.__name__}); removed it (audio I/O unused by text SFT)")
 PY
 
 if ! venv_ok; then
