@@ -210,6 +210,63 @@ class ResponseCache:
 
 # --------------------------------------------------------------------------- client
 
+# --------------------------------------------------------------------------- in-flight bound
+
+class _CountingSemaphore(asyncio.Semaphore):
+    """A semaphore that keeps how many slots are taken, the most ever taken, and slot-seconds spent taken."""
+
+    def __init__(self, n: int):
+        super().__init__(n)
+        self.in_use = self.peak = 0
+        self.busy_slot_s = 0.0
+        self._t = time.perf_counter()
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.busy_slot_s += self.in_use * (now - self._t)
+        self._t = now
+
+    async def acquire(self) -> bool:
+        await super().acquire()
+        self._tick()
+        self.in_use += 1
+        self.peak = max(self.peak, self.in_use)
+        return True
+
+    def release(self) -> None:
+        self._tick()
+        self.in_use -= 1
+        super().release()
+
+
+class SharedLimit:
+    """A bound on LLM requests in flight, which several clients may share (one semaphore per event loop)."""
+
+    def __init__(self, n: int):
+        if n < 1:
+            raise ValueError("the in-flight bound must be at least 1")
+        self.n = n
+        self._per_loop: dict[int, tuple[asyncio.AbstractEventLoop, _CountingSemaphore]] = {}
+
+    def semaphore(self) -> _CountingSemaphore:
+        loop = asyncio.get_running_loop()
+        hit = self._per_loop.get(id(loop))
+        if hit is None or hit[0] is not loop:
+            self._per_loop = {k: v for k, v in self._per_loop.items() if not v[0].is_closed()}
+            hit = (loop, _CountingSemaphore(self.n))
+            self._per_loop[id(loop)] = hit
+        return hit[1]
+
+    def stats(self) -> dict:
+        """In flight now, the most ever in flight, and slot-seconds used (utilisation = its rate / the bound)."""
+        sems = [sem for _, sem in self._per_loop.values()]
+        for sem in sems:
+            sem._tick()
+        return {"bound": self.n, "in_flight": sum(s.in_use for s in sems), "peak": max((s.peak for s in sems),
+                                                                                          default=0),
+                "busy_slot_s": round(sum(s.busy_slot_s for s in sems), 4)}
+
+
 @dataclass
 class ChatResult:
     text: str
@@ -287,11 +344,16 @@ def _estimate_tokens(text: str) -> int:
 class LLMClient:
     """Chat + embeddings with bounded concurrency, retries, usage accounting and an optional response cache."""
 
-    def __init__(self, settings: ClientSettings | None = None, **overrides: Any):
+    def __init__(self, settings: ClientSettings | None = None, *, limit: "SharedLimit | None" = None,
+                 **overrides: Any):
+        """`limit`: a bound on requests in flight shared with other clients (by default each client bounds its chat
+        and its embedding requests separately at `settings.max_in_flight`)."""
         base = settings or ClientSettings()
         if overrides:
             base = ClientSettings(**{**base.__dict__, **overrides})
         self.settings = base.resolved()
+        self._chat_limit = limit or SharedLimit(self.settings.max_in_flight)
+        self._embed_limit = limit or SharedLimit(self.settings.max_in_flight)
         self.usage = UsageTracker()
         self.cache = ResponseCache(self.settings.cache_dir) if self.settings.cache_dir else None
         self._per_loop: dict[int, dict] = {}
@@ -316,8 +378,8 @@ class LLMClient:
         loop = asyncio.get_running_loop()
         st = self._per_loop.get(id(loop))
         if st is None or st["loop"] is not loop:
-            st = {"loop": loop, "chat_sem": asyncio.Semaphore(self.settings.max_in_flight),
-                  "embed_sem": asyncio.Semaphore(self.settings.max_in_flight), "chat": None, "embed": None}
+            st = {"loop": loop, "chat_sem": self._chat_limit.semaphore(), "embed_sem": self._embed_limit.semaphore(),
+                  "chat": None, "embed": None}
             self._per_loop = {k: v for k, v in self._per_loop.items() if not v["loop"].is_closed()}
             self._per_loop[id(loop)] = st
         return st
@@ -331,8 +393,9 @@ class LLMClient:
                 base_url, api_key = self.settings.base_url, self.settings.api_key
             else:
                 base_url, api_key = self.settings.embedding_base_url, self.settings.embedding_api_key
+            extra = {"http_client": _aiohttp_http_client()} if _aiohttp_backend_available() else {}
             st[kind] = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0,
-                                   timeout=self.settings.timeout_s)
+                                   timeout=self.settings.timeout_s, **extra)
         return st[kind]
 
     async def _backoff(self, attempt: int, exc: BaseException | None = None) -> None:
@@ -532,6 +595,24 @@ class LLMClient:
                     except Exception:  # noqa: BLE001 - closing is best effort
                         pass
                     st[kind] = None
+
+
+def _aiohttp_backend_available() -> bool:
+    """The openai SDK's aiohttp transport (`pip install openai[aiohttp]`) costs less CPU per request than httpx,
+    which matters at hundreds of requests a second; MEMBUILDER_HTTP_BACKEND=httpx turns it off."""
+    if os.environ.get("MEMBUILDER_HTTP_BACKEND", "").lower() == "httpx":
+        return False
+    try:
+        import httpx_aiohttp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _aiohttp_http_client():
+    import openai
+
+    return openai.DefaultAioHttpClient()
 
 
 def _describe(exc: BaseException | None) -> str:

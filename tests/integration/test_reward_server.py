@@ -430,15 +430,15 @@ def test_faults_under_load_every_request_rewarded(state_root):
     assert mem2["rss_mb"] - mem1["rss_mb"] < 64  # a second wave does not grow it
 
 
-@pytest.fixture(params=["aiohttp", "openai-sdk"])
+@pytest.fixture(params=["aiohttp", "httpx"])
 def transport(request, monkeypatch):
-    """Both LLM transports of the engine: plain JSON over aiohttp, and the openai SDK (used without aiohttp)."""
-    from training.reward_server import engine as eng
+    """Both transports of the openai SDK the engine may use: its aiohttp backend (when installed) and httpx."""
+    import llm_client
 
-    if request.param == "openai-sdk":
-        monkeypatch.setattr(eng, "_aiohttp_available", lambda: False)
-    elif not eng._aiohttp_available():
-        pytest.skip("aiohttp is not installed")
+    if request.param == "httpx":
+        monkeypatch.setenv("MEMBUILDER_HTTP_BACKEND", "httpx")
+    elif not llm_client._aiohttp_backend_available():
+        pytest.skip("the openai SDK's aiohttp backend (httpx-aiohttp) is not installed")
     return request.param
 
 

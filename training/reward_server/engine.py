@@ -28,14 +28,13 @@ import uuid
 from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 
 import config
 from eval.llm_judge import judge_answer
-from llm_client import ClientSettings, LLMCallError, LLMClient
+from llm_client import ClientSettings, LLMCallError, LLMClient, SharedLimit
 from memory_system import (AGENTS, ENTRY_TYPES, Action, ActionFormatError, MemoryStoreError, MemorySystem, apply,
                            dominant_type, parse_actions)
 
@@ -51,174 +50,6 @@ class StatePathError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-# --------------------------------------------------------------------------- LLM clients under one bound
-
-class _CountingSemaphore(asyncio.Semaphore):
-    """A semaphore that keeps how many slots are taken, the most ever taken, and slot-seconds spent taken."""
-
-    def __init__(self, n: int):
-        super().__init__(n)
-        self.in_use = self.peak = 0
-        self.busy_slot_s = 0.0
-        self._t = time.perf_counter()
-
-    def _tick(self) -> None:
-        now = time.perf_counter()
-        self.busy_slot_s += self.in_use * (now - self._t)
-        self._t = now
-
-    async def acquire(self) -> bool:
-        await super().acquire()
-        self._tick()
-        self.in_use += 1
-        self.peak = max(self.peak, self.in_use)
-        return True
-
-    def release(self) -> None:
-        self._tick()
-        self.in_use -= 1
-        super().release()
-
-
-class SharedLimit:
-    """One bound on LLM requests in flight, shared by every client of the engine (one semaphore per event loop)."""
-
-    def __init__(self, n: int):
-        if n < 1:
-            raise ValueError("the in-flight bound must be at least 1")
-        self.n = n
-        self._per_loop: dict[int, tuple[asyncio.AbstractEventLoop, _CountingSemaphore]] = {}
-
-    def semaphore(self) -> _CountingSemaphore:
-        loop = asyncio.get_running_loop()
-        hit = self._per_loop.get(id(loop))
-        if hit is None or hit[0] is not loop:
-            self._per_loop = {k: v for k, v in self._per_loop.items() if not v[0].is_closed()}
-            hit = (loop, _CountingSemaphore(self.n))
-            self._per_loop[id(loop)] = hit
-        return hit[1]
-
-    def stats(self) -> dict:
-        """In flight now, the most ever in flight, and slot-seconds used (utilisation = its rate / the bound)."""
-        sems = [sem for _, sem in self._per_loop.values()]
-        for sem in sems:
-            sem._tick()
-        return {"bound": self.n, "in_flight": sum(s.in_use for s in sems), "peak": max((s.peak for s in sems),
-                                                                                          default=0),
-                "busy_slot_s": round(sum(s.busy_slot_s for s in sems), 4)}
-
-
-class BoundedLLMClient(LLMClient):
-    """An `LLMClient` whose chat and embedding requests take their slot from a `SharedLimit`.
-
-    The client holds a slot only while a request is on the wire (not while it backs off before a retry).
-    """
-
-    def __init__(self, settings: ClientSettings, limit: SharedLimit):
-        super().__init__(settings)
-        self._limit = limit
-
-    def _loop_state(self) -> dict:
-        st = super()._loop_state()
-        sem = self._limit.semaphore()
-        st["chat_sem"] = sem
-        st["embed_sem"] = sem
-        return st
-
-    def _openai(self, kind: str):
-        st = self._loop_state()
-        if st[kind] is None and _aiohttp_available():
-            s = self.settings
-            base_url, api_key = (s.base_url, s.api_key) if kind == "chat" else (s.embedding_base_url,
-                                                                                 s.embedding_api_key)
-            base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
-            st[kind] = _AiohttpOpenAI(base_url, api_key or "EMPTY", s.timeout_s)
-        return super()._openai(kind)  # the openai SDK itself when aiohttp is not installed
-
-
-class _AiohttpOpenAI:
-    """The two calls `LLMClient` makes (chat completions, embeddings) as plain JSON over aiohttp.
-
-    The same requests and the same error classes (`openai.RateLimitError`, `InternalServerError`, `BadRequestError`,
-    `APITimeoutError`, ...), so `LLMClient` classifies, backs off (Retry-After included) and retries exactly as with
-    the SDK, at about a fifth of the CPU: the SDK's parameter transformation, request building and response models
-    cost about 4 ms a request, which caps one event loop near 250 LLM requests a second (a local vLLM answerer and
-    judge at a high in-flight bound get there). The engine's shared bound limits requests in flight, so the
-    connection pool itself is unbounded.
-    """
-
-    def __init__(self, base_url: str, api_key: str, timeout_s: float):
-        import aiohttp
-
-        self._url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), trust_env=True,
-                                              timeout=aiohttp.ClientTimeout(total=timeout_s))
-        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._chat))
-        self.embeddings = SimpleNamespace(create=self._embed)
-
-    async def _post(self, path: str, params: dict, extra_headers: dict | None) -> dict:
-        import aiohttp
-        import openai
-        from multidict import CIMultiDict
-
-        try:
-            async with self._session.post(self._url + path, data=json.dumps(params),
-                                          headers={**self._headers, **(extra_headers or {})}) as resp:
-                raw, status, headers = await resp.read(), resp.status, CIMultiDict(resp.headers)
-        except TimeoutError:
-            raise openai.APITimeoutError(request=None) from None
-        except aiohttp.ClientError as exc:
-            raise openai.APIConnectionError(message=f"{type(exc).__name__}: {exc}", request=None) from exc
-        try:
-            body: Any = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode("utf-8", "replace")
-        if status >= 400:
-            raise _status_error(status, headers, body)
-        if not isinstance(body, dict):
-            raise ValueError(f"{path}: the reply is not a JSON object: {str(body)[:200]!r}")
-        return body
-
-    async def _chat(self, *, extra_headers: dict | None = None, **params: Any) -> SimpleNamespace:
-        data = await self._post("/chat/completions", params, extra_headers)
-        choices = [SimpleNamespace(message=SimpleNamespace(content=(c.get("message") or {}).get("content")))
-                   for c in data.get("choices") or [] if isinstance(c, dict)]
-        usage = data.get("usage") or {}
-        return SimpleNamespace(choices=choices, model=data.get("model"),
-                               usage=SimpleNamespace(prompt_tokens=usage.get("prompt_tokens") or 0,
-                                                     completion_tokens=usage.get("completion_tokens") or 0))
-
-    async def _embed(self, *, extra_headers: dict | None = None, **params: Any) -> SimpleNamespace:
-        data = await self._post("/embeddings", params, extra_headers)
-        return SimpleNamespace(data=[SimpleNamespace(index=d.get("index", i), embedding=d["embedding"])
-                                     for i, d in enumerate(data.get("data") or [])])
-
-    async def close(self) -> None:
-        await self._session.close()
-
-
-def _status_error(status: int, headers: Any, body: Any) -> Exception:
-    """The openai SDK's exception for an HTTP error status (the classes `LLMClient` tells apart)."""
-    import openai
-
-    by_status = {400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
-                 404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
-                 429: openai.RateLimitError}
-    cls = by_status.get(status) or (openai.InternalServerError if status >= 500 else openai.APIStatusError)
-    response = SimpleNamespace(status_code=status, headers=headers, request=None)
-    data = body.get("error", body) if isinstance(body, dict) else body
-    return cls(f"Error code: {status} - {body}", response=response, body=data)
-
-
-def _aiohttp_available() -> bool:
-    try:
-        import aiohttp  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class _PrecomputedEmbedder:
@@ -470,10 +301,10 @@ class RewardEngine:
         _single_threaded_faiss()
         self.limit = SharedLimit(settings.max_in_flight)
         answer_s, judge_s = settings.client_settings()
-        self.answer_client = BoundedLLMClient(answer_s, self.limit)
+        self.answer_client = LLMClient(answer_s, limit=self.limit)
         same_judge = judge_s.provider == answer_s.provider and judge_s.model == self.answer_client.model and \
             judge_s.base_url == answer_s.base_url
-        self.judge_client = self.answer_client if same_judge else BoundedLLMClient(judge_s, self.limit)
+        self.judge_client = self.answer_client if same_judge else LLMClient(judge_s, limit=self.limit)
         self.states = StateCache(settings.state_root, self.answer_client, capacity=settings.state_cache_size,
                                  answer_top_k=settings.answer_top_k)
         self.counters = {"requests": 0, "questions": 0, "failed_questions": 0, "build_failures": 0}
