@@ -354,6 +354,11 @@ class LLMClient:
         self.settings = base.resolved()
         self._chat_limit = limit or SharedLimit(self.settings.max_in_flight)
         self._embed_limit = limit or SharedLimit(self.settings.max_in_flight)
+        if not self.is_offline or self.settings.embedding_provider != "offline":
+            # Importing the SDK takes over a second: do it here, not on the event loop at the first request.
+            import openai  # noqa: F401
+            if _aiohttp_backend_available():
+                import httpx_aiohttp  # noqa: F401
         self.usage = UsageTracker()
         self.cache = ResponseCache(self.settings.cache_dir) if self.settings.cache_dir else None
         self._per_loop: dict[int, dict] = {}

@@ -68,14 +68,18 @@ def slot_seconds(url: str) -> tuple[float, int]:
     return slots["busy_slot_s"], slots["peak"]
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.bench_reward_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=64)
     p.add_argument("--qas", type=int, default=5)
     p.add_argument("--latency", type=float, default=0.1, help="seconds per scripted LLM request")
     p.add_argument("--max-in-flight", type=int, default=32, help="the reward server's bound on LLM requests")
     p.add_argument("--states", type=int, default=4, help="distinct pre-session states the requests spread over")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench_reward_") as tmp:
         root = Path(tmp)

@@ -72,8 +72,8 @@ async def wave(url: str, states: list[str], n: int, tag: str) -> list[httpx.Resp
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scripts.bench.load_reward_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--waves", type=int, default=2)
     p.add_argument("--fail-500", type=float, default=0.1)
@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-retries", type=int, default=None,
                    help="the reward server's retries per LLM request (default its own, 5); 1 shows the fallback")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     ok = True
     with tempfile.TemporaryDirectory(prefix="load_reward_") as tmp:
