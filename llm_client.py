@@ -19,7 +19,7 @@ import re
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -618,6 +618,15 @@ def _aiohttp_http_client():
     import openai
 
     return openai.DefaultAioHttpClient()
+
+
+def configure_logging(verbose: bool, *, level: int = logging.WARNING, timestamps: bool = False) -> None:
+    """CLI logging: `level` (DEBUG with --verbose), and the HTTP and model-loading libraries kept at WARNING."""
+    fmt = ("%(asctime)s " if timestamps else "") + "%(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else level, format=fmt)
+    if not verbose:
+        for noisy in ("httpx", "openai", "sentence_transformers", "faiss"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _describe(exc: BaseException | None) -> str:

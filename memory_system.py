@@ -596,9 +596,12 @@ class MemorySystem:
         return await self.search(question, self.answer_top_k if k is None else k)
 
     async def answer(self, question: str, client: LLMClient, *, current_time: str | None = None,
-                     k: int | None = None) -> AnswerResult:
-        """Top-k entries of any type plus the whole core block -> one answer (LLMCallError propagates)."""
-        retrieved = await self.retrieve(question, k)
+                     k: int | None = None, retrieved: list[Retrieved] | None = None) -> AnswerResult:
+        """Top-k entries of any type plus the whole core block -> one answer (LLMCallError propagates).
+
+        `retrieved`: the result of `retrieve(question, k)` when the caller already has it."""
+        if retrieved is None:
+            retrieved = await self.retrieve(question, k)
         prompt = prompts.answer_prompt(question, self.state.core, [(r.entry.type, r.entry.text) for r in retrieved],
                                        current_time)
         res = await client.chat(prompt, json_mode=False)

@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
-from llm_client import AVAILABLE_PROVIDERS, ClientSettings, LLMClient  # noqa: E402
+from llm_client import AVAILABLE_PROVIDERS, ClientSettings, LLMClient, configure_logging  # noqa: E402
 from memory_system import AGENTS, MemorySystem  # noqa: E402
 from training import trajectories as tj  # noqa: E402
 from training.trajectories import OneLineParser  # noqa: E402
@@ -366,11 +366,7 @@ def _print_summary(results: list[JobResult], jobs: list[Job], elapsed: float, cl
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        for noisy in ("httpx", "openai", "sentence_transformers", "faiss"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(args.verbose, level=logging.INFO, timestamps=True)
     try:
         if args.workers < 1:
             raise UserError("--workers must be at least 1")

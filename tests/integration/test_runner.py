@@ -14,7 +14,7 @@ import pytest
 
 from eval import runner
 from memory_system import parse_actions
-from scripts.scripted_server import ScriptedServer, default_responder
+from scripts.scripted_server import ScriptedServer
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

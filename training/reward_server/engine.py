@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import time
@@ -398,10 +397,10 @@ class RewardEngine:
         counts = _zero_counts()
         try:
             # Retrieval is counted whether or not the answer call then succeeds (attribution counts retrieval).
-            for r in await ms.retrieve(question, self.settings.answer_top_k):
+            retrieved = await ms.retrieve(question, self.settings.answer_top_k)
+            for r in retrieved:
                 counts[r.entry.type] = counts.get(r.entry.type, 0) + 1
-            ans = await ms.answer(question, self.answer_client, current_time=current_time,
-                                  k=self.settings.answer_top_k)
+            ans = await ms.answer(question, self.answer_client, current_time=current_time, retrieved=retrieved)
         except LLMCallError as exc:
             return QAResult(question, gold, None, "WRONG", False, True, f"answer: {exc.reason}", counts, qtype)
         verdict = await judge_answer(self.judge_client, JUDGE_PROTOCOL, question=question, gold=gold,
