@@ -231,11 +231,16 @@ class Generator:
                 lines = [tj.call_record(sample_id=str(sample.id), dataset=self.dataset, session_index=i,
                                         session_id=session.id, session_time=session.time, call=result.calls[a])
                          for a in AGENTS]
-                # durability order: the session's call lines, then its state folder (see training/trajectories.py)
-                tj.append_jsonl(calls_path, lines)
-                _save_state(ms, path, i + 1)
                 done.append(_session_summary(i, session, result))
-                tj.write_json(path / tj.METADATA_FILE, self._metadata(job, done, tj.STATUS_IN_PROGRESS, started))
+                meta = self._metadata(job, done, tj.STATUS_IN_PROGRESS, started)
+
+                def persist() -> None:
+                    # durability order: the session's call lines, then its state folder (see training/trajectories.py)
+                    tj.append_jsonl(calls_path, lines)
+                    _save_state(ms, path, i + 1)
+                    tj.write_json(path / tj.METADATA_FILE, meta)
+
+                await asyncio.to_thread(persist)  # fsyncs off the event loop: other dialogues go on meanwhile
                 res.sessions_built += 1
                 res.calls += len(lines)
                 res.failed_calls += len(result.failures)
