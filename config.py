@@ -69,6 +69,24 @@ DEFAULT_VLLM_BASE_URL = "http://localhost:8000/v1"
 DEFAULT_MAX_RETRIES = _env_int("MEMBUILDER_MAX_RETRIES", 5)
 DEFAULT_REQUEST_TIMEOUT_S = _env_float("MEMBUILDER_REQUEST_TIMEOUT", 120.0)
 DEFAULT_MAX_IN_FLIGHT = _env_int("MEMBUILDER_MAX_IN_FLIGHT", 32)
+# One budget per LLM call: at most 1 + max_retries requests (transport faults and invalid replies together) and at
+# most this many seconds from the first request to the last reply, backoff included.
+DEFAULT_CALL_DEADLINE_S = _env_float("MEMBUILDER_CALL_DEADLINE", 600.0)
+
+# Reply caps (max_tokens) per role, sent on every request: without one a server generates until its context is full.
+# Builders get the paper's RL response limit; answers and verdicts are short by the prompts' own rules.
+MAX_TOKENS_BUILDER = _env_int("MEMBUILDER_MAX_TOKENS_BUILDER", 6000)
+MAX_TOKENS_COMPRESS = _env_int("MEMBUILDER_MAX_TOKENS_COMPRESS", 2000)
+MAX_TOKENS_ANSWER = _env_int("MEMBUILDER_MAX_TOKENS_ANSWER", 256)
+MAX_TOKENS_JUDGE = _env_int("MEMBUILDER_MAX_TOKENS_JUDGE", 256)
+MAX_TOKENS_QA = _env_int("MEMBUILDER_MAX_TOKENS_QA", 2000)
+
+
+def max_tokens_table(*, builder: int | None = None, compress: int | None = None, answer: int | None = None,
+                     judge: int | None = None, qa: int | None = None) -> dict:
+    """{task or task prefix: reply cap} for ClientSettings.max_tokens_by_task (None: the default of that role)."""
+    return {"agent": builder or MAX_TOKENS_BUILDER, "core.compress": compress or MAX_TOKENS_COMPRESS,
+            "answer": answer or MAX_TOKENS_ANSWER, "judge": judge or MAX_TOKENS_JUDGE, "qa": qa or MAX_TOKENS_QA}
 
 
 @dataclass

@@ -16,7 +16,6 @@ import logging
 import os
 import random
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 import config
+from memory_store import atomic_write_text
 from prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,27 @@ T = TypeVar("T")
 
 
 class LLMCallError(Exception):
-    """An LLM request that still failed after its retries; `reason` is recorded by the caller."""
+    """An LLM call that still failed after its budget; `reason` (naming the endpoint) is recorded by the caller.
 
-    def __init__(self, reason: str, *, task: str = "", attempts: int = 0, last_output: str | None = None):
+    `kind`: "transport" (the endpoint kept failing: 5xx, 429, timeouts, malformed replies; a rerun may succeed),
+    "invalid" (the model answered, but never in the required form), "context" (the prompt does not fit the server's
+    context), "rejected" (the server refused the request), "config" (a setup problem) or, for `LLMFatalError`,
+    "auth" / "model" / "unreachable" (nothing will work until the user fixes a flag).
+    """
+
+    def __init__(self, reason: str, *, task: str = "", attempts: int = 0, last_output: str | None = None,
+                 kind: str = "transport", endpoint: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.task = task
         self.attempts = attempts
         self.last_output = last_output
+        self.kind = kind
+        self.endpoint = endpoint
+
+
+class LLMFatalError(LLMCallError):
+    """Authentication, an unknown model or an unreachable endpoint: never retried; the run ends or records it."""
 
 
 # --------------------------------------------------------------------------- JSON extraction
@@ -116,15 +129,38 @@ def extract_json(text: str) -> Any:
 
 # --------------------------------------------------------------------------- accounting and cache
 
+STAGES = ("preflight", "build", "answer", "judge", "qa", "other")
+
+
+def stage_of(task: str) -> str:
+    """The pipeline stage a task's cost belongs to (question embeddings are part of answering)."""
+    if task.startswith("preflight"):
+        return "preflight"
+    if task.startswith("agent.") or task in ("core.compress", "embed.session", "embed.entries"):
+        return "build"
+    if task in ("answer", "embed.query"):
+        return "answer"
+    if task.startswith("judge"):
+        return "judge"
+    if task.startswith("qa."):
+        return "qa"
+    return "other"
+
+
 @dataclass
 class TaskUsage:
-    calls: int = 0
-    failures: int = 0
+    calls: int = 0  # logical calls (one per chat/chat_json/embed call), whatever their attempts
+    requests: int = 0  # HTTP requests sent (every attempt, including retries)
     retries: int = 0
+    failures: int = 0  # calls that still failed after their budget
     cached: int = 0
+    truncated: int = 0  # replies cut by max_tokens (finish_reason "length")
     prompt_tokens: int = 0
     completion_tokens: int = 0
     latency_s: float = 0.0
+
+
+USAGE_FIELDS = tuple(TaskUsage.__dataclass_fields__)
 
 
 class UsageTracker:
@@ -135,53 +171,48 @@ class UsageTracker:
     def _get(self, task: str) -> TaskUsage:
         return self._by_task.setdefault(task, TaskUsage())
 
-    def record(self, task: str, *, prompt_tokens: int = 0, completion_tokens: int = 0, latency_s: float = 0.0,
-               cached: bool = False) -> None:
+    def add(self, task: str, **counts: float) -> None:
         with self._lock:
             u = self._get(task)
-            u.calls += 1
-            u.cached += int(cached)
-            u.prompt_tokens += prompt_tokens
-            u.completion_tokens += completion_tokens
-            u.latency_s += latency_s
+            for k, v in counts.items():
+                setattr(u, k, getattr(u, k) + v)
+
+    def record(self, task: str, *, prompt_tokens: int = 0, completion_tokens: int = 0, latency_s: float = 0.0,
+               cached: bool = False) -> None:
+        """One logical call (and, unless cached, one request)."""
+        self.add(task, calls=1, cached=int(cached), requests=0 if cached else 1, prompt_tokens=prompt_tokens,
+                 completion_tokens=completion_tokens, latency_s=latency_s)
 
     def record_retry(self, task: str) -> None:
-        with self._lock:
-            self._get(task).retries += 1
+        self.add(task, retries=1)
 
     def record_failure(self, task: str) -> None:
-        with self._lock:
-            self._get(task).failures += 1
+        self.add(task, failures=1)
 
     def snapshot(self) -> dict[str, dict]:
         with self._lock:
             return {t: {**u.__dict__, "latency_s": round(u.latency_s, 3)} for t, u in sorted(self._by_task.items())}
 
 
-def _process_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def merge_usage(*snapshots: dict[str, dict]) -> dict[str, dict]:
+    """Per-task usage summed over several snapshots (clients, or invocations of a run)."""
+    out: dict[str, dict] = {}
+    for snap in snapshots:
+        for task, u in (snap or {}).items():
+            acc = out.setdefault(task, {k: 0 for k in USAGE_FIELDS})
+            for k in USAGE_FIELDS:
+                acc[k] = acc.get(k, 0) + (u.get(k) or 0)
+    for u in out.values():
+        u["latency_s"] = round(u["latency_s"], 3)
+    return dict(sorted(out.items()))
 
 
-_FILE_MODE = 0o666 & ~_process_umask()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600 files; the result should read like any other written file
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def usage_by_stage(snapshot: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{stage: {task: usage}} for a per-task snapshot."""
+    out: dict[str, dict[str, dict]] = {}
+    for task, u in snapshot.items():
+        out.setdefault(stage_of(task), {})[task] = u
+    return out
 
 
 class ResponseCache:
@@ -201,14 +232,12 @@ class ResponseCache:
         p = self._path(key)
         try:
             return json.loads(p.read_text(encoding="utf-8"))
-        except (FileNotFoundError, json.JSONDecodeError):
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
             return None
 
     def put(self, key: str, value: Any) -> None:
         atomic_write_text(self._path(key), json.dumps(value, ensure_ascii=False))
 
-
-# --------------------------------------------------------------------------- client
 
 # --------------------------------------------------------------------------- in-flight bound
 
@@ -267,6 +296,8 @@ class SharedLimit:
                 "busy_slot_s": round(sum(s.busy_slot_s for s in sems), 4)}
 
 
+# --------------------------------------------------------------------------- settings
+
 @dataclass
 class ChatResult:
     text: str
@@ -276,6 +307,11 @@ class ChatResult:
     latency_s: float = 0.0
     cached: bool = False
     attempts: int = 1
+    finish_reason: str | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
 
 
 @dataclass
@@ -288,13 +324,16 @@ class ClientSettings:
     embedding_model: str | None = None
     embedding_base_url: str | None = None
     embedding_api_key: str | None = None
+    embedding_pooling: str | None = None  # "mean": average per-token vectors a server returns (llama.cpp without pooling)
     max_in_flight: int = config.DEFAULT_MAX_IN_FLIGHT
-    max_retries: int = config.DEFAULT_MAX_RETRIES
-    timeout_s: float = config.DEFAULT_REQUEST_TIMEOUT_S
+    max_retries: int = config.DEFAULT_MAX_RETRIES  # one budget per call: 1 + max_retries requests, all causes together
+    timeout_s: float = config.DEFAULT_REQUEST_TIMEOUT_S  # deadline of one whole attempt (not a read timeout)
+    call_deadline_s: float = config.DEFAULT_CALL_DEADLINE_S  # deadline of a call, all attempts and backoff together
     backoff_base_s: float = float(os.environ.get("MEMBUILDER_BACKOFF_BASE", "0.5"))
     backoff_max_s: float = 8.0
     temperature: float = 0.0
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # the reply cap for tasks that `max_tokens_by_task` does not name
+    max_tokens_by_task: dict | None = None  # {"agent": 6000, "core.compress": ..., "answer": ..., "judge": ...}
     cache_dir: str | None = None
     json_mode: bool = True
 
@@ -302,8 +341,15 @@ class ClientSettings:
         """Fill provider-specific defaults from the environment."""
         if self.provider not in AVAILABLE_PROVIDERS:
             raise ValueError(f"unknown provider {self.provider!r}; choose one of {', '.join(AVAILABLE_PROVIDERS)}")
+        for name in ("max_retries",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name.replace('_', '-')} must be at least 0")
+        for name in ("timeout_s", "call_deadline_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
         env = config.Settings.from_env()
         s = ClientSettings(**self.__dict__)
+        s.max_tokens_by_task = {**config.max_tokens_table(), **(self.max_tokens_by_task or {})}
         if s.provider == "vllm":
             s.base_url = s.base_url or os.environ.get("VLLM_BASE_URL") or config.DEFAULT_VLLM_BASE_URL
             s.api_key = s.api_key or os.environ.get("VLLM_API_KEY") or "EMPTY"
@@ -323,26 +369,110 @@ class ClientSettings:
             s.embedding_base_url = s.embedding_base_url or env.embeddings_base_url or (
                 s.base_url if s.provider == "openai" else None)
             s.embedding_api_key = s.embedding_api_key or env.embeddings_api_key or env.api_key or s.api_key
+        s.embedding_pooling = s.embedding_pooling or os.environ.get("MEMBUILDER_EMBEDDING_POOLING") or None
+        if s.embedding_pooling not in (None, "mean"):
+            raise ValueError(f"unknown embedding pooling {s.embedding_pooling!r} (choose mean)")
         s.cache_dir = s.cache_dir or env.cache_dir
         return s
 
+    def max_tokens_for(self, task: str) -> int | None:
+        table = self.max_tokens_by_task or {}
+        for key in (task, task.split(".", 1)[0]):
+            if table.get(key):
+                return int(table[key])
+        return self.max_tokens
 
-def _is_retryable(exc: BaseException) -> bool:
+    def chat_endpoint(self) -> str:
+        return self.base_url or ("https://api.openai.com/v1" if self.provider == "openai" else "(none)")
+
+    def embedding_endpoint(self) -> str:
+        if self.embedding_provider == "offline":
+            return "(local)"
+        return self.embedding_base_url or "https://api.openai.com/v1"
+
+
+# --------------------------------------------------------------------------- errors
+
+class _Retryable(Exception):
+    """A transient failure of one attempt (5xx, 429, timeout, connection, malformed reply): worth another."""
+
+    def __init__(self, reason: str, exc: BaseException | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.exc = exc
+
+
+def _http_message(exc: BaseException) -> str:
+    body = getattr(exc, "body", None)
+    msg = None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        msg = err.get("message") if isinstance(err, dict) else err
+    text = str(msg if msg else exc)
+    return " ".join(text.split())[:300]
+
+
+_CONTEXT_RE = re.compile(r"context|n_ctx|too long|maximum.*tokens|exceed", re.IGNORECASE)
+
+
+def _classify(exc: BaseException, *, task: str, endpoint: str, model: str, prompt_tokens: int) -> BaseException:
+    """An exception of one attempt -> `_Retryable` (try again) or `LLMCallError` (give up now)."""
     import openai
 
-    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError, asyncio.TimeoutError)):
-        return True
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, openai.APITimeoutError)):
+        return _Retryable(f"no complete reply within the request timeout at {endpoint}", exc)
+    if isinstance(exc, openai.APIConnectionError):
+        return _Retryable(f"cannot reach {endpoint}: {type(exc).__name__}: {_http_message(exc)}", exc)
     if isinstance(exc, openai.APIStatusError):
-        return exc.status_code == 429 or exc.status_code >= 500 or exc.status_code == 408
-    return False
+        code = exc.status_code
+        msg = _http_message(exc)
+        if code in (401, 403):
+            return LLMFatalError(f"{'authentication failed' if code == 401 else 'permission denied'} at {endpoint} "
+                                 f"(HTTP {code}): {msg}", task=task, kind="auth", endpoint=endpoint)
+        if code == 404:
+            return LLMFatalError(f"model {model!r} or the API path not found at {endpoint} (HTTP 404): {msg}",
+                                 task=task, kind="model", endpoint=endpoint)
+        if code in (408, 409, 429) or code >= 500:
+            return _Retryable(f"HTTP {code} from {endpoint}: {msg}", exc)
+        if code in (400, 413, 422) and _CONTEXT_RE.search(msg):
+            return LLMCallError(f"the {task} prompt (~{prompt_tokens} tokens) does not fit the context of {model!r} "
+                                f"at {endpoint} (HTTP {code}): {msg}", task=task, kind="context", endpoint=endpoint)
+        return LLMCallError(f"{endpoint} rejected the {task} request (HTTP {code}): {msg}", task=task,
+                            kind="rejected", endpoint=endpoint)
+    # Anything else came out of reading a reply (an HTML page, a body the SDK could not parse): a bad reply.
+    return _Retryable(f"malformed reply from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}", exc)
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    return isinstance(_classify(exc, task="", endpoint="", model="", prompt_tokens=0), _Retryable)
 
 
 def _estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4) if text else 0
 
 
+def _reply_text(resp: Any) -> tuple[str, str | None]:
+    """(content, finish_reason) of a chat completion; _Retryable for a 200 that carries no usable answer."""
+    choices = getattr(resp, "choices", None)
+    if not isinstance(choices, list):
+        raise _Retryable(f"malformed reply: no 'choices' (got {type(resp).__name__})")
+    if not choices:
+        raise _Retryable("malformed reply: 'choices' is empty")
+    choice = choices[0]
+    message = getattr(choice, "message", None)
+    if message is None:
+        raise _Retryable("malformed reply: the choice has no 'message'")
+    content = getattr(message, "content", None)
+    if not isinstance(content, str):
+        raise _Retryable("malformed reply: the message 'content' is " + ("null" if content is None else
+                                                                         type(content).__name__))
+    return content, getattr(choice, "finish_reason", None)
+
+
+# --------------------------------------------------------------------------- client
+
 class LLMClient:
-    """Chat + embeddings with bounded concurrency, retries, usage accounting and an optional response cache."""
+    """Chat + embeddings with bounded concurrency, one retry budget per call, usage accounting and a cache."""
 
     def __init__(self, settings: ClientSettings | None = None, *, limit: "SharedLimit | None" = None,
                  **overrides: Any):
@@ -357,14 +487,14 @@ class LLMClient:
         if not self.is_offline or self.settings.embedding_provider != "offline":
             # Importing the SDK takes over a second: do it here, not on the event loop at the first request.
             import openai  # noqa: F401
-            if _aiohttp_backend_available():
-                import httpx_aiohttp  # noqa: F401
+            _aiohttp_backend_available()
         self.usage = UsageTracker()
         self.cache = ResponseCache(self.settings.cache_dir) if self.settings.cache_dir else None
         self._per_loop: dict[int, dict] = {}
         self._json_mode_supported = self.settings.json_mode
         self._local_embedder = None
         self._embed_lock = threading.Lock()
+        self.fatal: LLMFatalError | None = None  # set by an auth / not-found error: later calls fail at once
 
     @property
     def provider(self) -> str:
@@ -399,130 +529,233 @@ class LLMClient:
             else:
                 base_url, api_key = self.settings.embedding_base_url, self.settings.embedding_api_key
             extra = {"http_client": _aiohttp_http_client()} if _aiohttp_backend_available() else {}
+            # The SDK's own retries are off (ours share one budget with validity retries) and its timeout is a
+            # backstop: each attempt runs under our whole-attempt deadline.
             st[kind] = AsyncOpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0,
-                                   timeout=self.settings.timeout_s, **extra)
+                                   timeout=self.settings.timeout_s + 5, **extra)
         return st[kind]
 
-    async def _backoff(self, attempt: int, exc: BaseException | None = None) -> None:
+    def _backoff_delay(self, attempt: int, exc: BaseException | None = None) -> float:
         delay = min(self.settings.backoff_max_s, self.settings.backoff_base_s * (2 ** attempt))
-        retry_after = None
         resp = getattr(exc, "response", None)
         if resp is not None:
             try:
-                retry_after = float(resp.headers.get("retry-after", ""))
-            except (TypeError, ValueError):
-                retry_after = None
-        if retry_after is not None:
-            delay = min(self.settings.backoff_max_s, max(delay, retry_after))
-        await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(self.settings.backoff_max_s, max(delay, float(resp.headers.get("retry-after", ""))))
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return delay * (0.5 + random.random() / 2)
+
+    def _check_fatal(self, task: str) -> None:
+        if self.fatal is not None:
+            raise LLMFatalError(self.fatal.reason, task=task, kind=self.fatal.kind, endpoint=self.fatal.endpoint)
 
     # ------------------------------------------------------------------ chat
     def _cache_key(self, prompt: Prompt, temperature: float, json_mode: bool) -> str:
         return ResponseCache.key({"provider": "offline" if self.is_offline else "api", "model": self.model,
                                   "messages": prompt.messages, "temperature": temperature, "json_mode": json_mode,
-                                  "max_tokens": self.settings.max_tokens})
+                                  "max_tokens": self.settings.max_tokens_for(prompt.task)})
 
     async def chat(self, prompt: Prompt, *, json_mode: bool = True, temperature: float | None = None,
                    store: bool = True) -> ChatResult:
-        """One completion, transport errors retried. `store=False` leaves caching to the caller (after validation)."""
-        temperature = self.settings.temperature if temperature is None else temperature
-        key = self._cache_key(prompt, temperature, json_mode) if self.cache else None
-        if key:
-            hit = self.cache.get(key)
-            if hit is not None:
-                self.usage.record(prompt.task, cached=True)
-                return ChatResult(text=hit["text"], model=hit.get("model", self.model), cached=True, attempts=0)
-        if self.is_offline:
-            t0 = time.perf_counter()
-            text = offline_respond(prompt)
-            res = ChatResult(text=text, model=self.model, prompt_tokens=sum(_estimate_tokens(m["content"]) for m in prompt.messages),
-                             completion_tokens=_estimate_tokens(text), latency_s=time.perf_counter() - t0)
-        else:
-            res = await self._chat_remote(prompt, json_mode=json_mode, temperature=temperature)
-        self.usage.record(prompt.task, prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-                          latency_s=res.latency_s)
-        if key and store:
-            self.cache.put(key, {"text": res.text, "model": res.model})
+        """One completion within the call's retry budget (transport faults and malformed replies are retried).
+        A reply cut at max_tokens is returned with `finish_reason == "length"` (counted as truncated)."""
+        _, res = await self._complete(prompt, None, json_mode=json_mode, temperature=temperature, store=store)
         return res
-
-    async def _chat_remote(self, prompt: Prompt, *, json_mode: bool, temperature: float) -> ChatResult:
-        import openai
-
-        st = self._loop_state()
-        last_exc: BaseException | None = None
-        attempt = 0
-        while attempt <= self.settings.max_retries:
-            kwargs: dict[str, Any] = {"model": self.model, "messages": prompt.messages, "temperature": temperature,
-                                      "extra_headers": {TASK_HEADER: prompt.task}}
-            if self.settings.max_tokens:
-                kwargs["max_tokens"] = self.settings.max_tokens
-            if json_mode and self._json_mode_supported:
-                kwargs["response_format"] = {"type": "json_object"}
-            try:
-                async with st["chat_sem"]:
-                    t0 = time.perf_counter()
-                    resp = await self._openai("chat").chat.completions.create(**kwargs)
-                    latency = time.perf_counter() - t0
-                choice = resp.choices[0] if resp.choices else None
-                text = (choice.message.content if choice and choice.message else None) or ""
-                usage = resp.usage
-                return ChatResult(text=text, model=resp.model or self.model,
-                                  prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                                  completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
-                                  latency_s=latency, attempts=attempt + 1)
-            except openai.BadRequestError as exc:
-                # Some OpenAI-compatible servers reject response_format: drop JSON mode once and retry.
-                if "response_format" in kwargs and "response_format" in str(exc):
-                    log.warning("server rejected JSON mode; continuing without it")
-                    self._json_mode_supported = False
-                    continue  # not a failed attempt: the same request again, without JSON mode
-                raise LLMCallError(f"bad request: {exc}", task=prompt.task, attempts=attempt + 1) from exc
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if not _is_retryable(exc):
-                    raise LLMCallError(f"{type(exc).__name__}: {exc}", task=prompt.task, attempts=attempt + 1) from exc
-                last_exc = exc
-                if attempt < self.settings.max_retries:
-                    self.usage.record_retry(prompt.task)
-                    await self._backoff(attempt, exc)
-            attempt += 1
-        raise LLMCallError(f"gave up after {self.settings.max_retries + 1} attempts: {_describe(last_exc)}",
-                           task=prompt.task, attempts=self.settings.max_retries + 1)
 
     async def chat_json(self, prompt: Prompt, validate: Callable[[str], T] | None = None, *,
                         json_mode: bool = True) -> tuple[T, ChatResult]:
-        """A completion whose text `validate` accepts (it raises ValueError otherwise); retried with a small
-        temperature bump. Without `validate`, the first JSON object of the reply is returned."""
-        validate = validate or extract_json
-        last_reason, last_text = "", None
-        attempts = 0
-        for attempt in range(self.settings.max_retries + 1):
-            temperature = self.settings.temperature + (0.0 if attempt == 0 else min(0.2 * attempt, 0.7))
-            try:
-                res = await self.chat(prompt, json_mode=json_mode, temperature=temperature, store=False)
-            except LLMCallError as exc:
-                self.usage.record_failure(prompt.task)
-                exc.attempts += attempts
-                raise
-            attempts += res.attempts
-            try:
-                value = validate(res.text)
-            except ValueError as exc:
-                last_reason, last_text = str(exc), res.text
-                if attempt < self.settings.max_retries:
-                    self.usage.record_retry(prompt.task)
-                    if not self.is_offline:
-                        await self._backoff(0)
-                    continue
+        """A completion whose text `validate` accepts (it raises ValueError otherwise). Invalid and truncated
+        replies are asked again with a small temperature bump, sharing one budget with transport retries."""
+        return await self._complete(prompt, validate or extract_json, json_mode=json_mode)
+
+    async def _complete(self, prompt: Prompt, validate: Callable[[str], T] | None, *, json_mode: bool,
+                        temperature: float | None = None, store: bool = True) -> tuple[Any, ChatResult]:
+        task = prompt.task
+        self._check_fatal(task)
+        base_temp = self.settings.temperature if temperature is None else temperature
+        key = self._cache_key(prompt, base_temp, json_mode) if self.cache else None
+        if key:
+            hit = self.cache.get(key)
+            if isinstance(hit, dict) and isinstance(hit.get("text"), str):
+                try:
+                    value = validate(hit["text"]) if validate else hit["text"]
+                except ValueError:
+                    value = None  # a cached reply that no longer validates is asked again
+                else:
+                    self.usage.record(task, cached=True)
+                    return value, ChatResult(text=hit["text"], model=hit.get("model", self.model), cached=True,
+                                             attempts=0, finish_reason=hit.get("finish_reason"))
+        if self.is_offline:
+            return self._complete_offline(prompt, validate, key if store else None)
+
+        settings = self.settings
+        deadline = time.monotonic() + settings.call_deadline_s
+        max_attempts = settings.max_retries + 1
+        self.usage.add(task, calls=1)
+        attempts = invalid = 0
+        last_reason, last_text, last_kind = "", None, "transport"
+        while attempts < max_attempts:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0.05:
+                last_reason = f"the call deadline ({settings.call_deadline_s:g} s) passed; last: {last_reason}"
                 break
-            if self.cache and not res.cached:
-                # Keyed by the first attempt's request, so a rerun gets the accepted reply without any retry.
-                self.cache.put(self._cache_key(prompt, self.settings.temperature, json_mode),
-                               {"text": res.text, "model": res.model})
+            temp = base_temp + (0.0 if invalid == 0 else min(0.2 * invalid, 0.7))
+            attempts += 1
+            try:
+                res = await self._request(prompt, json_mode=json_mode, temperature=temp,
+                                          timeout=min(settings.timeout_s, remaining))
+            except _Retryable as exc:
+                last_reason, last_kind = exc.reason, "transport"
+                if attempts < max_attempts:
+                    self.usage.record_retry(task)
+                    delay = min(self._backoff_delay(attempts - 1, exc.exc), max(0.0, deadline - time.monotonic()))
+                    await asyncio.sleep(delay)
+                continue
+            except LLMCallError as exc:
+                self.usage.record_failure(task)
+                exc.attempts = attempts
+                if isinstance(exc, LLMFatalError):
+                    self.fatal = exc
+                raise
             res.attempts = attempts
+            if validate is not None and res.truncated:
+                last_reason, last_text, last_kind = (f"reply cut at max_tokens={settings.max_tokens_for(task)} "
+                                                     "(finish_reason 'length')"), res.text, "invalid"
+                invalid += 1
+                if attempts < max_attempts:
+                    self.usage.record_retry(task)
+                continue
+            try:
+                value = validate(res.text) if validate else res.text
+            except ValueError as exc:
+                last_reason, last_text, last_kind = str(exc), res.text, "invalid"
+                invalid += 1
+                if attempts < max_attempts:
+                    self.usage.record_retry(task)
+                continue
+            if key and store:
+                # Keyed by the first attempt's request, so a rerun gets the accepted reply without any retry.
+                self.cache.put(key, {"text": res.text, "model": res.model, "finish_reason": res.finish_reason})
             return value, res
-        self.usage.record_failure(prompt.task)
-        raise LLMCallError(f"invalid output after {self.settings.max_retries + 1} attempts: {last_reason}",
-                           task=prompt.task, attempts=attempts, last_output=last_text)
+        self.usage.record_failure(task)
+        what = "invalid output" if last_kind == "invalid" else "gave up"
+        raise LLMCallError(f"{what} after {attempts} attempt(s): {last_reason}", task=task, attempts=attempts,
+                           last_output=last_text, kind=last_kind, endpoint=settings.chat_endpoint())
+
+    def _complete_offline(self, prompt: Prompt, validate, key: str | None) -> tuple[Any, ChatResult]:
+        from offline_backend import offline_respond
+
+        t0 = time.perf_counter()
+        try:
+            text = offline_respond(prompt)
+        except KeyError:
+            raise LLMCallError(f"the offline provider has no handler for task {prompt.task!r}", task=prompt.task,
+                               kind="rejected") from None
+        res = ChatResult(text=text, model=self.model,
+                         prompt_tokens=sum(_estimate_tokens(m["content"]) for m in prompt.messages),
+                         completion_tokens=_estimate_tokens(text), latency_s=time.perf_counter() - t0,
+                         finish_reason="stop")
+        self.usage.record(prompt.task, prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                          latency_s=res.latency_s)
+        try:
+            value = validate(text) if validate else text
+        except ValueError as exc:  # deterministic: asking again gives the same reply
+            self.usage.record_failure(prompt.task)
+            raise LLMCallError(f"invalid output after 1 attempt(s): {exc}", task=prompt.task, attempts=1,
+                               last_output=text, kind="invalid") from None
+        if key:
+            self.cache.put(key, {"text": text, "model": self.model, "finish_reason": "stop"})
+        return value, res
+
+    async def _request(self, prompt: Prompt, *, json_mode: bool, temperature: float, timeout: float,
+                       max_tokens: int | None | bool = True) -> ChatResult:
+        """One HTTP request under a whole-attempt deadline; raises _Retryable or LLMCallError."""
+        st = self._loop_state()
+        task = prompt.task
+        endpoint = self.settings.chat_endpoint()
+        while True:
+            kwargs: dict[str, Any] = {"model": self.model, "messages": prompt.messages, "temperature": temperature,
+                                      "extra_headers": {TASK_HEADER: task}}
+            cap = self.settings.max_tokens_for(task) if max_tokens is True else max_tokens
+            if cap:
+                kwargs["max_tokens"] = int(cap)
+            if json_mode and self._json_mode_supported:
+                kwargs["response_format"] = {"type": "json_object"}
+            async with st["chat_sem"]:
+                t0 = time.perf_counter()
+                try:
+                    async with asyncio.timeout(timeout):
+                        resp = await self._openai("chat").chat.completions.create(**kwargs)
+                    text, finish = _reply_text(resp)
+                except _Retryable:
+                    self.usage.add(task, requests=1, latency_s=time.perf_counter() - t0)
+                    raise
+                except Exception as exc:  # noqa: BLE001 - classified below
+                    latency = time.perf_counter() - t0
+                    self.usage.add(task, requests=1, latency_s=latency)
+                    import openai
+
+                    if isinstance(exc, openai.BadRequestError) and "response_format" in kwargs \
+                            and "response_format" in str(exc):
+                        # Some OpenAI-compatible servers reject JSON mode: drop it once and send the same request.
+                        log.warning("%s rejected JSON mode; continuing without it", endpoint)
+                        self._json_mode_supported = False
+                        continue
+                    raise _classify(exc, task=task, endpoint=endpoint, model=self.model,
+                                    prompt_tokens=sum(_estimate_tokens(m["content"]) for m in prompt.messages)
+                                    ) from exc
+                latency = time.perf_counter() - t0
+            usage = getattr(resp, "usage", None)
+            res = ChatResult(text=text, model=getattr(resp, "model", None) or self.model,
+                             prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                             latency_s=latency, finish_reason=finish)
+            self.usage.add(task, requests=1, prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                           latency_s=latency, truncated=int(res.truncated))
+            return res
+
+    # ------------------------------------------------------------------ preflight
+    async def preflight(self, *, chat: bool = True, embeddings: bool = False, attempts: int = 3) -> None:
+        """One tiny request per endpoint this client will use. Auth, unknown-model and configuration errors, and an
+        endpoint still unreachable after `attempts` tries, raise LLMFatalError at once (they are never retried
+        for minutes)."""
+        s = self.settings
+        if chat and not self.is_offline:
+            if s.provider == "openai" and not s.base_url and not s.api_key:
+                raise LLMFatalError("no API key for the OpenAI API", task="preflight", kind="auth",
+                                    endpoint=s.chat_endpoint())
+            prompt = Prompt("preflight.chat", [{"role": "user", "content": "Reply with the word OK."}], {})
+            await self._preflight_loop(
+                lambda: self._request(prompt, json_mode=False, temperature=0.0,
+                                      timeout=min(s.timeout_s, 30.0), max_tokens=1),
+                s.chat_endpoint(), attempts)
+        if embeddings and s.embedding_provider != "offline":
+            if not s.embedding_base_url and not s.embedding_api_key:
+                raise LLMFatalError("no API key for the OpenAI embeddings API", task="preflight", kind="auth",
+                                    endpoint=s.embedding_endpoint())
+            await self._preflight_loop(lambda: self._embed_request(["ping"], "preflight.embed",
+                                                                   timeout=min(s.timeout_s, 30.0)),
+                                       s.embedding_endpoint(), attempts)
+
+    async def _preflight_loop(self, attempt, endpoint: str, attempts: int) -> None:
+        last = ""
+        for i in range(max(1, attempts)):
+            try:
+                await attempt()
+                return
+            except LLMFatalError as exc:
+                self.fatal = exc
+                raise
+            except LLMCallError as exc:
+                if exc.kind == "context":  # a one-token prompt cannot overflow anything: the server is odd, go on
+                    return
+                raise LLMFatalError(exc.reason, task="preflight", kind="config", endpoint=endpoint) from None
+            except _Retryable as exc:
+                last = exc.reason
+                if i + 1 < attempts:
+                    await asyncio.sleep(0.5 * (2 ** i))
+        raise LLMFatalError(f"{endpoint} did not answer after {attempts} tries ({last})", task="preflight",
+                            kind="unreachable", endpoint=endpoint)
 
     # ------------------------------------------------------------------ embeddings
     async def embed(self, texts: list[str], *, task: str = "embed") -> np.ndarray:
@@ -536,21 +769,27 @@ class LLMClient:
             for i, t in enumerate(texts):
                 keys[i] = ResponseCache.key({"embed": self.settings.embedding_model, "text": t})
                 hit = self.cache.get(keys[i])
-                if hit is not None:
+                if isinstance(hit, list) and hit:
                     out[i] = np.asarray(hit, dtype=np.float32)
         todo = [i for i, v in enumerate(out) if v is None]
+        if len(todo) < len(texts):
+            self.usage.add(task, cached=len(texts) - len(todo))
         if todo:
             t0 = time.perf_counter()
             if self.settings.embedding_provider == "offline":
                 vecs = await asyncio.to_thread(self._embed_local, [texts[i] for i in todo])
+                self.usage.add(task, calls=1, prompt_tokens=sum(_estimate_tokens(texts[i]) for i in todo),
+                               latency_s=time.perf_counter() - t0)
             else:
                 vecs = await self._embed_remote([texts[i] for i in todo], task)
-            self.usage.record(task, prompt_tokens=sum(_estimate_tokens(texts[i]) for i in todo),
-                              latency_s=time.perf_counter() - t0)
             for j, i in enumerate(todo):
                 out[i] = vecs[j]
                 if self.cache:
                     self.cache.put(keys[i], [round(float(x), 7) for x in vecs[j]])
+        dims = {len(v) for v in out}
+        if len(dims) != 1:
+            raise LLMCallError(f"embeddings of {len(dims)} different dimensions ({sorted(dims)}) for one batch",
+                               task=task, kind="invalid", endpoint=self.settings.embedding_endpoint())
         mat = np.vstack(out).astype(np.float32)
         norms = np.linalg.norm(mat, axis=1, keepdims=True)
         return mat / np.maximum(norms, 1e-12)
@@ -562,34 +801,94 @@ class LLMClient:
             return np.asarray(self._local_embedder.encode(texts, batch_size=64, normalize_embeddings=True,
                                                           show_progress_bar=False), dtype=np.float32)
 
-    async def _embed_remote(self, texts: list[str], task: str, batch: int = 256) -> np.ndarray:
-        if not self.settings.embedding_base_url and not os.environ.get("OPENAI_API_KEY") and not self.settings.embedding_api_key:
-            raise LLMCallError("no embeddings endpoint: set OPENAI_EMBEDDINGS_BASE_URL (vLLM serves no embeddings) "
-                               "or use --embedding-provider offline", task=task)
+    def _embedding_vectors(self, resp: Any, n: int, task: str) -> np.ndarray:
+        """The reply's vectors as an (n, d) array, checked: one flat numeric vector of one dimension per input."""
+        endpoint = self.settings.embedding_endpoint()
+        data = getattr(resp, "data", None)
+        if not isinstance(data, list) or len(data) != n:
+            raise _Retryable(f"malformed embeddings reply from {endpoint}: "
+                             f"{len(data) if isinstance(data, list) else 'no'} vectors for {n} inputs")
+        try:
+            data = sorted(data, key=lambda d: d.index)
+        except (AttributeError, TypeError):
+            pass
+        rows = []
+        for d in data:
+            vec = getattr(d, "embedding", None)
+            if isinstance(vec, list) and vec and isinstance(vec[0], list):
+                if self.settings.embedding_pooling == "mean":
+                    vec = np.asarray(vec, dtype=np.float64).mean(axis=0).tolist() if len({len(v) for v in vec}) == 1 \
+                        else None
+                else:
+                    raise LLMCallError(
+                        f"{endpoint} returned per-token embeddings ({len(vec)} vectors for one input): start the "
+                        "server with a pooling type (llama.cpp: --embedding true with pooling mean/cls), or set "
+                        "MEMBUILDER_EMBEDDING_POOLING=mean to average them here", task=task, kind="config",
+                        endpoint=endpoint)
+            if not isinstance(vec, list) or not vec or not all(isinstance(x, (int, float)) for x in vec):
+                raise LLMCallError(f"{endpoint} returned an embedding that is not a flat list of numbers",
+                                   task=task, kind="invalid", endpoint=endpoint)
+            rows.append(vec)
+        if len({len(r) for r in rows}) != 1:
+            raise LLMCallError(f"{endpoint} returned embeddings of different dimensions "
+                               f"({sorted({len(r) for r in rows})})", task=task, kind="invalid", endpoint=endpoint)
+        return np.asarray(rows, dtype=np.float32)
+
+    async def _embed_request(self, chunk: list[str], task: str, *, timeout: float) -> np.ndarray:
         st = self._loop_state()
+        endpoint = self.settings.embedding_endpoint()
+        async with st["embed_sem"]:
+            t0 = time.perf_counter()
+            try:
+                async with asyncio.timeout(timeout):
+                    resp = await self._openai("embed").embeddings.create(
+                        model=self.settings.embedding_model, input=chunk, extra_headers={TASK_HEADER: task})
+            except Exception as exc:  # noqa: BLE001
+                self.usage.add(task, requests=1, latency_s=time.perf_counter() - t0)
+                raise _classify(exc, task=task, endpoint=endpoint, model=self.settings.embedding_model,
+                                prompt_tokens=sum(_estimate_tokens(t) for t in chunk)) from exc
+            self.usage.add(task, requests=1, latency_s=time.perf_counter() - t0,
+                           prompt_tokens=sum(_estimate_tokens(t) for t in chunk))
+        return self._embedding_vectors(resp, len(chunk), task)
+
+    async def _embed_remote(self, texts: list[str], task: str, batch: int = 256) -> np.ndarray:
+        self._check_fatal(task)
+        s = self.settings
+        if not s.embedding_base_url and not s.embedding_api_key:
+            raise LLMCallError("no embeddings endpoint: set OPENAI_EMBEDDINGS_BASE_URL (vLLM serves no embeddings) "
+                               "or use --embedding-provider offline", task=task, kind="config")
         chunks = [texts[i:i + batch] for i in range(0, len(texts), batch)]
+        self.usage.add(task, calls=1)
 
-        async def one(chunk: list[str]) -> list[list[float]]:
-            last_exc: BaseException | None = None
-            for attempt in range(self.settings.max_retries + 1):
+        async def one(chunk: list[str]) -> np.ndarray:
+            deadline = time.monotonic() + s.call_deadline_s
+            last = ""
+            for attempt in range(s.max_retries + 1):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0.05:
+                    last = f"the call deadline ({s.call_deadline_s:g} s) passed; last: {last}"
+                    break
                 try:
-                    async with st["embed_sem"]:
-                        resp = await self._openai("embed").embeddings.create(
-                            model=self.settings.embedding_model, input=chunk,
-                            extra_headers={TASK_HEADER: task})
-                    return [d.embedding for d in sorted(resp.data, key=lambda d: d.index)]
-                except Exception as exc:  # noqa: BLE001
-                    if not _is_retryable(exc):
-                        raise LLMCallError(f"embeddings: {type(exc).__name__}: {exc}", task=task) from exc
-                    last_exc = exc
-                    if attempt < self.settings.max_retries:
+                    return await self._embed_request(chunk, task, timeout=min(s.timeout_s, remaining))
+                except _Retryable as exc:
+                    last = exc.reason
+                    if attempt < s.max_retries:
                         self.usage.record_retry(task)
-                        await self._backoff(attempt, exc)
-            self.usage.record_failure(task)
-            raise LLMCallError(f"embeddings gave up: {_describe(last_exc)}", task=task)
+                        await asyncio.sleep(min(self._backoff_delay(attempt, exc.exc),
+                                                max(0.0, deadline - time.monotonic())))
+                except LLMCallError as exc:
+                    if isinstance(exc, LLMFatalError):
+                        self.fatal = exc
+                    raise
+            raise LLMCallError(f"embeddings gave up: {last}", task=task, kind="transport",
+                               endpoint=s.embedding_endpoint())
 
-        parts = await asyncio.gather(*(one(c) for c in chunks))
-        return np.asarray([v for p in parts for v in p], dtype=np.float32)
+        try:
+            parts = await asyncio.gather(*(one(c) for c in chunks))
+        except LLMCallError:
+            self.usage.record_failure(task)
+            raise
+        return np.vstack(parts) if len(parts) > 1 else parts[0]
 
     async def aclose(self) -> None:
         for st in self._per_loop.values():
@@ -602,16 +901,36 @@ class LLMClient:
                     st[kind] = None
 
 
+_AIOHTTP: bool | None = None
+
+
 def _aiohttp_backend_available() -> bool:
-    """The openai SDK's aiohttp transport (`pip install openai[aiohttp]`) costs less CPU per request than httpx,
-    which matters at hundreds of requests a second; MEMBUILDER_HTTP_BACKEND=httpx turns it off."""
+    """The openai SDK's aiohttp transport (`openai[aiohttp]`: 3.x vendors it as `openai.DefaultAioHttpClient`, older
+    SDKs used the `httpx_aiohttp` package) costs less CPU per request than httpx, which matters at hundreds of
+    requests a second; MEMBUILDER_HTTP_BACKEND=httpx turns it off."""
+    global _AIOHTTP
     if os.environ.get("MEMBUILDER_HTTP_BACKEND", "").lower() == "httpx":
         return False
-    try:
-        import httpx_aiohttp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if _AIOHTTP is None:
+        ok = False
+        try:
+            import openai
+
+            if getattr(openai, "DefaultAioHttpClient", None) is not None:
+                try:
+                    from openai._vendor import httpx_aiohttp  # noqa: F401 - the vendored transport (openai 3.x)
+                    ok = True
+                except ImportError:
+                    import httpx_aiohttp  # noqa: F401 - the separate package (openai 1.x/2.x)
+                    ok = True
+        except ImportError:
+            ok = False
+        _AIOHTTP = ok
+    return _AIOHTTP
+
+
+def http_backend() -> str:
+    return "aiohttp" if _aiohttp_backend_available() else "httpx"
 
 
 def _aiohttp_http_client():
@@ -625,15 +944,8 @@ def configure_logging(verbose: bool, *, level: int = logging.WARNING, timestamps
     fmt = ("%(asctime)s " if timestamps else "") + "%(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else level, format=fmt)
     if not verbose:
-        for noisy in ("httpx", "openai", "sentence_transformers", "faiss"):
+        for noisy in ("httpx", "httpx2", "openai", "sentence_transformers", "faiss"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    status = getattr(exc, "status_code", None)
-    return f"{type(exc).__name__}" + (f" (HTTP {status})" if status else "") + f": {str(exc)[:200]}"
 
 
 _EMBEDDER_LOCK = threading.Lock()
@@ -652,25 +964,3 @@ def load_local_embedder():
 
             _EMBEDDER = SentenceTransformer(str(get_model_path()), device="cpu")
         return _EMBEDDER
-
-
-# --------------------------------------------------------------------------- offline backend
-
-OfflineHandler = Callable[[dict], str]
-OFFLINE_HANDLERS: dict[str, OfflineHandler] = {}
-
-
-def register_offline_handler(task: str) -> Callable[[OfflineHandler], OfflineHandler]:
-    def deco(fn: OfflineHandler) -> OfflineHandler:
-        OFFLINE_HANDLERS[task] = fn
-        return fn
-    return deco
-
-
-def offline_respond(prompt: Prompt) -> str:
-    if prompt.task not in OFFLINE_HANDLERS:
-        import offline_backend  # noqa: F401 - registers the built-in handlers
-    handler = OFFLINE_HANDLERS.get(prompt.task)
-    if handler is None:
-        raise LLMCallError(f"the offline provider has no handler for task {prompt.task!r}", task=prompt.task)
-    return handler(prompt.inputs)

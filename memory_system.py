@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,9 @@ import numpy as np
 
 import config
 import prompts
-from llm_client import LLMCallError, LLMClient, atomic_write_text, extract_json
+from llm_client import LLMCallError, LLMClient, extract_json
+from memory_store import (MemoryStoreError, atomic_write_text, read_faiss_index, read_memory_file,  # noqa: F401
+                          write_faiss_index)
 
 log = logging.getLogger(__name__)
 
@@ -371,22 +372,12 @@ class VectorIndex:
 
         if self.parent is not None:
             raise ValueError("a forked index is not saved")
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            index = self._index if self._index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim or 1))
-            faiss.write_index(index, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        index = self._index if self._index is not None else faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim or 1))
+        write_faiss_index(index, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "VectorIndex":
-        import faiss
-
-        index = faiss.read_index(str(path))
+        index = read_faiss_index(path)
         # An empty index was saved with a placeholder dimension: let the first add fix the real one.
         vi = cls(dim=index.d if index.ntotal else None)
         if index.ntotal:
@@ -431,6 +422,7 @@ class AgentCall:
     completion_tokens: int
     attempts: int
     error: str | None = None
+    error_kind: str | None = None  # LLMCallError.kind: "invalid" is the model's output; anything else the endpoint's
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -438,12 +430,30 @@ class AgentCall:
 
 @dataclass
 class SessionResult:
+    """One session's decisions and, when `applied`, their effect on memory.
+
+    A session is applied when every agent either produced valid actions or produced output that stayed invalid
+    after its budget (the model's own result: that agent contributes no actions, as the RL validity gate does).
+    When an agent's call failed for any other reason (the endpoint: transport, timeout, context, auth), nothing of
+    the session is applied and it is not done: the caller stops the sample there and a rerun tries it again.
+    """
+
     session_id: str
     calls: dict[str, AgentCall]
     new_entries: list[MemoryEntry]
     failures: dict[str, str]
     notes: list[str]
     core_compressed: bool = False
+    applied: bool = True
+    failure_kinds: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def invalid_agents(self) -> dict[str, str]:
+        return {a: r for a, r in self.failures.items() if self.failure_kinds.get(a) == "invalid"}
+
+    @property
+    def blocking_failures(self) -> dict[str, str]:
+        return {a: r for a, r in self.failures.items() if self.failure_kinds.get(a) != "invalid"}
 
 
 @dataclass
@@ -460,16 +470,13 @@ class AnswerResult:
     model: str
     latency_s: float = 0.0
     error: str | None = None
+    finish_reason: str | None = None
 
     def type_counts(self) -> dict[str, int]:
         counts = {t: 0 for t in ENTRY_TYPES}
         for r in self.retrieved:
             counts[r.entry.type] = counts.get(r.entry.type, 0) + 1
         return counts
-
-
-class MemoryStoreError(Exception):
-    """A memory folder that cannot be read (user error: one clear line)."""
 
 
 class MemorySystem:
@@ -518,11 +525,13 @@ class MemorySystem:
                                             session_text=session_text, session_time=session_time)
                 for agent in AGENTS}
 
-    async def existing_for_agents(self, session_text: str) -> dict[str, list[str]]:
+    async def existing_for_agents(self, session_text: str,
+                                  query_vector: np.ndarray | None = None) -> dict[str, list[str]]:
         """Each entry agent sees the top-k entries of its own type most similar to the session."""
         if not self.state.entries:
             return {t: [] for t in ENTRY_TYPES}
-        qvec = (await self.embedder.embed([session_text], task="embed.session"))[0]
+        qvec = query_vector if query_vector is not None else \
+            (await self.embedder.embed([session_text], task="embed.session"))[0]
         out = {}
         for t in ENTRY_TYPES:
             out[t] = [r.entry.text for r in await self.search_vector(qvec, self.construction_top_k, [t])]
@@ -539,27 +548,35 @@ class MemorySystem:
             actions, res = await self.builder.chat_json(prompt, lambda text: parse_actions(agent, text))
         except LLMCallError as exc:
             call = AgentCall(agent, prompt.task, prompt.messages, prompt.inputs, exc.last_output, [],
-                             self.builder.model, time.perf_counter() - t0, 0, 0, exc.attempts, error=exc.reason)
+                             self.builder.model, time.perf_counter() - t0, 0, 0, exc.attempts, error=exc.reason,
+                             error_kind=exc.kind)
             return [], call
         call = AgentCall(agent, prompt.task, prompt.messages, prompt.inputs, res.text, [a.to_dict() for a in actions],
                          res.model, res.latency_s, res.prompt_tokens, res.completion_tokens, res.attempts)
         return actions, call
 
-    async def build_session(self, session: SessionLike) -> SessionResult:
-        """Run the four agents concurrently on the pre-session state, then apply their actions in fixed order."""
+    async def build_session(self, session: SessionLike, *, query_vector: np.ndarray | None = None) -> SessionResult:
+        """Run the four agents concurrently on the pre-session state, then apply their actions in fixed order.
+
+        `query_vector`: the session text's embedding when the caller computed it ahead (same result, one round trip
+        fewer). See SessionResult for when a session is not applied."""
         if self.builder is None:
             raise ValueError("this MemorySystem has no builder client")
-        agent_prompts = await self.prepare_session(session)
+        text = render_session(session.messages)
+        agent_prompts = self.agent_prompts(text, session.time, await self.existing_for_agents(text, query_vector))
         decided = await asyncio.gather(*(self._decide(a, agent_prompts[a]) for a in AGENTS))
         actions = {a: acts for a, (acts, _) in zip(AGENTS, decided)}
         calls = {a: call for a, (_, call) in zip(AGENTS, decided)}
         failures = {a: c.error for a, c in calls.items() if c.error}
+        kinds = {a: c.error_kind or "transport" for a, c in calls.items() if c.error}
+        if any(k != "invalid" for k in kinds.values()):
+            return SessionResult(session.id, calls, [], failures, [], applied=False, failure_kinds=kinds)
         result = await self.apply_actions(actions, session.id)
         self.meta["sessions_done"].append(session.id)
         if failures:
             self.meta["session_failures"][session.id] = failures
         return SessionResult(session.id, calls, result.new_entries, failures, result.notes,
-                             core_compressed=any("compressed" in n for n in result.notes))
+                             core_compressed=any("compressed" in n for n in result.notes), failure_kinds=kinds)
 
     async def apply_actions(self, actions: dict[str, Sequence[Action]], session_id: str,
                             compress_client: LLMClient | None = None) -> ApplyResult:
@@ -567,7 +584,11 @@ class MemorySystem:
         result = apply(self.state, actions, session_id, self.core_char_limit)
         if result.new_entries:
             vecs = await self.embedder.embed([e.tagged() for e in result.new_entries], task="embed.entries")
-            self.index.add(vecs)
+            try:
+                self.index.add(vecs)
+            except ValueError as exc:  # vectors of another dimension than the stored ones
+                raise LLMCallError(f"{exc}: the embeddings endpoint returns vectors that do not fit this memory",
+                                   task="embed.entries", kind="config") from None
         self.state = result.state
         if result.core_overflow:
             self.state.core = await self._compress_core(self.state.core, compress_client or self.builder, result.notes)
@@ -592,8 +613,12 @@ class MemorySystem:
         return core[: self.core_char_limit]
 
     # ------------------------------------------------------------------ answer
-    async def retrieve(self, question: str, k: int | None = None) -> list[Retrieved]:
-        return await self.search(question, self.answer_top_k if k is None else k)
+    async def retrieve(self, question: str, k: int | None = None, *,
+                       query_vector: np.ndarray | None = None) -> list[Retrieved]:
+        k = self.answer_top_k if k is None else k
+        if query_vector is not None:
+            return await self.search_vector(query_vector, k)
+        return await self.search(question, k)
 
     async def answer(self, question: str, client: LLMClient, *, current_time: str | None = None,
                      k: int | None = None, retrieved: list[Retrieved] | None = None) -> AnswerResult:
@@ -606,7 +631,7 @@ class MemorySystem:
                                        current_time)
         res = await client.chat(prompt, json_mode=False)
         return AnswerResult(answer=res.text.strip(), retrieved=retrieved, core=self.state.core, model=res.model,
-                            latency_s=res.latency_s)
+                            latency_s=res.latency_s, finish_reason=res.finish_reason)
 
     # ------------------------------------------------------------------ persistence
     def fork(self) -> "MemorySystem":
@@ -638,13 +663,12 @@ class MemorySystem:
         directory = Path(directory)
         ms = cls(builder, embedder=embedder, **kwargs)
         mem_path = directory / MEMORY_FILE
+        data = read_memory_file(mem_path)  # shape-checked; MemoryStoreError names the file and how to recover
         try:
-            data = json.loads(mem_path.read_text(encoding="utf-8"))
             ms.state = MemoryState.from_dict(data)
-        except FileNotFoundError:
-            raise MemoryStoreError(f"no memory at {mem_path}") from None
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise MemoryStoreError(f"unreadable memory file {mem_path}: {exc}") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MemoryStoreError(f"unreadable memory file {mem_path}: {exc}: delete {directory} to rebuild it") \
+                from None
         ms.meta = {"sessions_done": [], "session_failures": {}, **(data.get("meta") or {})}
         index_path = directory / INDEX_FILE
         stored_model = ms.meta.get("embedding_model")
@@ -653,7 +677,8 @@ class MemorySystem:
             ms.index = VectorIndex.load(index_path)
             ms.index.truncate(len(ms.state.entries))
             if ms.index.ntotal < len(ms.state.entries):
-                raise MemoryStoreError(f"{index_path} holds {ms.index.ntotal} vectors for {len(ms.state.entries)} entries")
+                raise MemoryStoreError(f"{index_path} holds {ms.index.ntotal} vectors for {len(ms.state.entries)} "
+                                       f"entries: delete {directory} to rebuild that memory")
         else:
             ms._needs_reembed = True
             if stored_model and stored_model != current_model:

@@ -11,8 +11,25 @@ import json
 import re
 from datetime import datetime
 
+from typing import Callable
+
 import config
-from llm_client import register_offline_handler
+import prompts
+
+OfflineHandler = Callable[[dict], str]
+OFFLINE_HANDLERS: dict[str, OfflineHandler] = {}
+
+
+def register_offline_handler(task: str) -> Callable[[OfflineHandler], OfflineHandler]:
+    def deco(fn: OfflineHandler) -> OfflineHandler:
+        OFFLINE_HANDLERS[task] = fn
+        return fn
+    return deco
+
+
+def offline_respond(prompt) -> str:
+    """The offline reply to a `prompts.Prompt`, from its task's handler and structured inputs (KeyError: no handler)."""
+    return OFFLINE_HANDLERS[prompt.task](prompt.inputs)
 
 _STOP = set("""a an the and or but if then of to in on at for with by from as is are was were be been being am i me my
 mine you your yours we our us he him his she her they them their it its this that these those what which who whom whose
@@ -266,3 +283,57 @@ def judge_paper(inputs: dict) -> str:
 def judge_longmemeval(inputs: dict) -> str:
     return json.dumps({"label": lexical_verdict(inputs.get("answer", ""), str(inputs.get("gold", "")),
                                                 abstention=bool(inputs.get("abstention")))})
+
+
+# --------------------------------------------------------------------------- synthetic session QA
+
+@register_offline_handler(prompts.TASK_QA_GENERATE)
+def offline_qa(inputs: dict) -> str:
+    """Deterministic template questions from the session's own sentences (a smoke path, never an LLM result)."""
+    n = int(inputs.get("n_questions") or config.QA_PER_SESSION)
+    mix = prompts.qa_type_mix(n)
+    raw_time = inputs.get("session_time")
+    date = (normalize_date(raw_time) or raw_time or "the day of our conversation").split(" ")[0]
+    msgs = _speaking_messages(inputs.get("session_text", ""))
+    cands = [s for _, text in msgs for s in _sentences(text) if len(content_tokens(s)) >= 3 and len(s) <= 400]
+    if not cands:
+        cands = [s for _, text in msgs for s in _sentences(text) if content_tokens(s)]
+    entries = [tuple(e) for e in inputs.get("entries") or []]
+
+    def keywords(sentence: str, k: int = 4) -> str:
+        words, seen = [], set()
+        for w in re.findall(r"[A-Za-z][A-Za-z0-9'-]*", sentence):  # list numbers ("2.") are no keywords
+            t = content_tokens(w)
+            if t and t[0] not in seen:
+                seen.add(t[0])
+                words.append(w)
+            if len(words) == k:
+                break
+        return " ".join(words) or _clip(sentence, 40)
+
+    n_temporal = mix["temporal-reasoning"][0]
+    n_multi = mix["multi-session"][0] if entries else 0
+    kinds = ["single-session"] * max(0, n - n_temporal - n_multi) + ["multi-session"] * n_multi
+    kinds += ["temporal-reasoning"] * n_temporal
+    questions = []
+    for j, kind in enumerate(kinds):
+        if not cands:
+            break
+        sent = cands[(j * len(cands)) // len(kinds)]
+        kw = keywords(sent)
+        if kind == "temporal-reasoning":
+            questions.append({"question": f"On what date did I talk about {kw}?", "answer": date,
+                              "type": kind, "source": "current_session"})
+        elif kind == "multi-session":
+            sent_toks = set(content_tokens(sent))
+            etype, etext = max(reversed(entries), key=lambda e: len(sent_toks & set(content_tokens(e[1]))))
+            head = _clip(etext.split("| Details:", 1)[0], 160)
+            questions.append({"question": f"What had I told you before about {keywords(head)}, and what did I say "
+                                          f"on {date} about {kw}?",
+                              "answer": f"{head}; {_clip(sent, 200)}", "type": kind, "source": "cross_session"})
+        else:
+            form = ("In our conversation on {d}, what did I say about {k}?", "What did I mention on {d} about {k}?",
+                    "What did I tell you about {k} on {d}?")[j % 3]
+            questions.append({"question": form.format(d=date, k=kw), "answer": _clip(sent, 200), "type": kind,
+                              "source": "current_session"})
+    return json.dumps({"questions": questions}, ensure_ascii=False)

@@ -734,9 +734,9 @@ def load_dataset(
     elif name == "perltqa":
         records = _perltqa_records(*_perltqa_files(data_dir, path, Path(qa_path) if qa_path is not None else None))
     elif name == "demo":
-        from eval.demo_data import demo_samples
+        from eval.demo_data import DEMO
 
-        records = _eager(demo_samples())
+        records = _eager([Sample.from_dict(d, "demo sample") for d in DEMO])
     else:
         if path is None:
             raise DatasetError("--dataset dialogues needs --dataset-path (a JSON list of samples)")

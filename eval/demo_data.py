@@ -7,7 +7,7 @@ shows what `scripts/process_*.py` write.
 """
 from __future__ import annotations
 
-from eval.datasets import NOT_ANSWERABLE, Sample
+NOT_ANSWERABLE = "Not answerable"  # the gold of an unanswerable question, as eval.datasets.NOT_ANSWERABLE
 
 
 def _session(sid: str, time: str, *turns: str) -> dict:
@@ -106,7 +106,3 @@ DEMO: list[dict] = [
         ],
     }
 ]
-
-
-def demo_samples() -> list[Sample]:
-    return [Sample.from_dict(d, "demo sample") for d in DEMO]

@@ -24,7 +24,7 @@ CLIS = (
     ("python -m scripts.process_perltqa", "scripts.process_perltqa"),
     ("python -m scripts.generate_expert_trajectories", "scripts.generate_expert_trajectories"),
     ("python -m scripts.convert_trajectories_to_sft", "scripts.convert_trajectories_to_sft"),
-    ("python -m qa_generator", "qa_generator"),
+    ("python -m training.session_qa", "training.session_qa"),
     ("python -m scripts.prepare_rl_data", "scripts.prepare_rl_data"),
     ("python -m training.reward_server.server", "training.reward_server.server"),
     ("python -m scripts.scripted_server", "scripts.scripted_server"),

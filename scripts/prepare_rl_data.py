@@ -196,7 +196,7 @@ def write_parquet(rows: list[dict], path: Path) -> None:
 
 def cached_qa(dialogue: tj.Dialogue, n: int) -> dict[int, dict]:
     """The latest usable cached record of each session with n questions, whatever model wrote it."""
-    from qa_generator import read_qa_cache
+    from training.session_qa import read_qa_cache
 
     out: dict[int, dict] = {}
     for rec in read_qa_cache(dialogue.path).values():
@@ -210,7 +210,8 @@ def cached_qa(dialogue: tj.Dialogue, n: int) -> dict[int, dict]:
 async def generate_qa(dialogues: list[tj.Dialogue], args) -> dict[str, dict[int, dict]]:
     from tqdm import tqdm
 
-    from qa_generator import fill_qa_cache, qa_client
+    from qa_generator import qa_client
+    from training.session_qa import fill_qa_cache
 
     client = qa_client(args.provider, args.model, args.base_url, args.api_key, args.workers)
     sem = asyncio.Semaphore(args.workers)

@@ -137,25 +137,24 @@ def test_faults_every_session_and_question_is_applied_or_recorded(tmp_path, shar
                   "--parallel", "--workers", "2", "--concurrency", "8", "--output-dir", str(out),
                   "--db-path", str(db))
         faults = Counter(r.fault for r in srv.log if r.fault)
-    assert rc == 0
-    assert faults["500"] and faults["429"] and faults["malformed"], faults
+    assert faults["500"] or faults["429"], faults
     summary = json.loads((out / "summary.json").read_text())
     build = summary["build"]
     stopped = build["samples_stopped"]
+    assert rc == (1 if stopped or summary["n_failed"] else 0)
     sessions_done = sum(len(_memory(db, c)["meta"]["sessions_done"]) for c in ("conv-26", "conv-30"))
     assert build["sessions_built"] == sessions_done
-    assert build["agent_calls"] == 4 * sessions_done
-    for conv in ("conv-26", "conv-30"):
-        n_done = len(_memory(db, conv)["meta"]["sessions_done"])
-        assert n_done == 6 or (n_done < 6 and conv in stopped), (conv, n_done, stopped)
-    for f in build["agent_failures"]:
-        assert f["reason"] and f["agent"] in ("core", "episodic", "semantic", "procedural")
-    recorded = {(f["sample_id"], f["session_id"], f["agent"]) for f in build["agent_failures"]}
     for conv in ("conv-26", "conv-30"):
         meta = _memory(db, conv)["meta"]
-        for sid, agents in meta["session_failures"].items():
-            assert {(conv, sid, a) for a in agents} <= recorded
-    # Every question ends judged or failed with a reason, and the summary counts both.
+        n_done = len(meta["sessions_done"])
+        # a sample is built to the end, or stops at its first unbuilt session with the reason recorded
+        assert n_done == 6 or (conv in stopped and meta["stopped"]["reason"] == stopped[conv]), (conv, n_done)
+    for f in build["agent_failures"]:
+        assert f["reason"] and f["agent"] in ("core", "episodic", "semantic", "procedural")
+    for f in build["invalid_outputs"]:
+        assert f["reason"] and f["session_id"] in _memory(db, f["sample_id"])["meta"]["session_failures"]
+    # Every question ends judged or failed with a reason, and the summary counts both; a stopped sample's
+    # questions are failed (never answered from the incomplete memory).
     answers = {a["question_id"]: a for a in _load_jsonl(out / "answers.jsonl")}
     judgments = {j["question_id"]: j for j in _load_jsonl(out / "judgments.jsonl")}
     assert len(answers) == summary["n_questions"] == 80
@@ -163,6 +162,9 @@ def test_faults_every_session_and_question_is_applied_or_recorded(tmp_path, shar
     assert summary["n_failed"] == len(failed)
     for q in failed:
         assert answers[q].get("error") or judgments[q].get("error")
+    for q, a in answers.items():
+        if a["sample_id"] in stopped:
+            assert a["answer"] is None and a["error"].startswith("memory incomplete")
     assert summary["n_correct"] + summary["n_failed"] <= summary["n_questions"]
 
 
@@ -211,15 +213,16 @@ def test_rerun_of_answer_stage_resumes_without_new_requests(tmp_path):
         common = ["--dataset", "demo", "--provider", "openai", "--base-url", srv.base_url, "--api-key", "k",
                   "--db-path", str(db), "--output-dir", str(out)]
         assert _run(*common) == 0
-        n = len(srv.log)
+        work = lambda: [r for r in srv.log if not r.task.startswith("preflight")]  # noqa: E731
+        n = len(work())
         first = json.loads((out / "summary.json").read_text())
         assert _run(*common) == 0
-        assert len(srv.log) == n, "a finished run reruns nothing"
+        assert len(work()) == n, "a finished run reruns nothing (but its preflight)"
         # A torn last line (a crash mid-append) is dropped and that question redone.
         lines = (out / "judgments.jsonl").read_text().splitlines()
         (out / "judgments.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
         assert _run(*common) == 0
-        assert [r.task for r in srv.log[n:]] == ["judge.paper"]
+        assert [r.task for r in work()[n:]] == ["judge.paper"]
         assert json.loads((out / "summary.json").read_text())["n_correct"] == first["n_correct"]
 
 

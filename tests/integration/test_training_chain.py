@@ -313,7 +313,7 @@ def test_qa_generator_cli_fills_the_cache_that_prepare_rl_data_reads(trajectorie
 
     import pyarrow.parquet as pq
 
-    import qa_generator
+    from training import session_qa as qa_generator
 
     root = tmp_path / "traj"
     shutil.copytree(trajectories, root / "longmemeval")
@@ -404,7 +404,7 @@ def _one_line(err: str) -> str:
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path, trajectories, capsys):
-    import qa_generator
+    from training import session_qa as qa_generator
 
     assert gen_cli.main(["--dataset", "longmemeval", "--dataset-path", str(FIXTURE), "--split", "dev",
                          "--provider", "offline", "--output-dir", str(tmp_path)]) == 2

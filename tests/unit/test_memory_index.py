@@ -367,7 +367,7 @@ def test_load_missing_or_corrupt_memory_is_a_store_error(client, tmp_path):
     with pytest.raises(MemoryStoreError, match="no memory"):
         MemorySystem.load(tmp_path / "nowhere", client)
     (tmp_path / MEMORY_FILE).write_text("{not json", encoding="utf-8")
-    with pytest.raises(MemoryStoreError, match="unreadable"):
+    with pytest.raises(MemoryStoreError, match="not valid JSON.*delete"):
         MemorySystem.load(tmp_path, client)
     assert MemorySystem.exists(tmp_path) and not MemorySystem.exists(tmp_path / "nowhere")
 

@@ -6,7 +6,8 @@ import pytest
 import config
 import offline_backend as ob
 import prompts
-from llm_client import OFFLINE_HANDLERS, LLMClient
+from llm_client import LLMClient
+from offline_backend import OFFLINE_HANDLERS
 from memory_system import parse_actions, render_session
 from offline_backend import content_tokens, extractive_answer, lexical_verdict, normalize_date
 

@@ -7,6 +7,7 @@ import json
 import pytest
 
 import prompts
+import offline_backend
 import qa_generator as qg
 from llm_client import LLMCallError, LLMClient
 
@@ -92,14 +93,14 @@ SESSION = ("user: I adopted a beagle named Pepper from the Oregon Humane Society
 def test_offline_handler_writes_the_mix_deterministically():
     inputs = prompts.qa_generation_prompt("", [("semantic", "User - Work: nurse at Providence Hospital | Details: x")],
                                           SESSION, "2023/05/14 (Sun) 10:05", 5).inputs
-    out = qg.offline_qa(inputs)
-    assert out == qg.offline_qa(inputs)
+    out = offline_backend.offline_qa(inputs)
+    assert out == offline_backend.offline_qa(inputs)
     pairs = qg.validate_qa(out, 5)
     types = [p.type for p in pairs]
     assert types.count("temporal-reasoning") == 1 and types.count("multi-session") == 1 and len(pairs) == 5
     assert any(p.answer == "2023-05-14" for p in pairs)
     assert all(p.source == ("cross_session" if p.type == "multi-session" else "current_session") for p in pairs)
-    no_history = qg.validate_qa(qg.offline_qa(prompts.qa_generation_prompt("", [], SESSION, None, 5).inputs), 5)
+    no_history = qg.validate_qa(offline_backend.offline_qa(prompts.qa_generation_prompt("", [], SESSION, None, 5).inputs), 5)
     assert "multi-session" not in {p.type for p in no_history}
 
 
