@@ -448,7 +448,8 @@ def test_usage_snapshot_counts_per_task():
     assert (snap["answer"]["calls"], snap["answer"]["retries"], snap["answer"]["failures"]) == (2, 0, 0)
     assert (snap["agent.core"]["calls"], snap["agent.core"]["requests"], snap["agent.core"]["retries"],
             snap["agent.core"]["failures"]) == (1, 2, 1, 0)
-    assert (snap["judge.paper"]["calls"], snap["judge.paper"]["retries"], snap["judge.paper"]["failures"]) == (2, 1, 1)
+    assert (snap["judge.paper"]["calls"], snap["judge.paper"]["requests"], snap["judge.paper"]["retries"],
+            snap["judge.paper"]["failures"]) == (1, 2, 1, 1)
     assert snap["answer"]["prompt_tokens"] > 0 and snap["answer"]["completion_tokens"] > 0
     assert snap["answer"]["latency_s"] >= 0
 
