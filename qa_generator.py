@@ -210,7 +210,9 @@ async def generate_session_qa(client: LLMClient, *, core: str, entries: list[tup
 
 # --------------------------------------------------------------------------- client
 
-def qa_client(provider: str, model: str, base_url: str | None, api_key: str | None, max_in_flight: int) -> LLMClient:
+def qa_client(provider: str, model: str, base_url: str | None, api_key: str | None, max_in_flight: int, *,
+              timeout_s: float = config.DEFAULT_REQUEST_TIMEOUT_S, max_tokens: int | None = None) -> LLMClient:
     # QA generation needs no embeddings: the embedding settings stay at their defaults and are never used.
     return LLMClient(ClientSettings(provider=provider, model=model, base_url=base_url, api_key=api_key,
-                                    embedding_provider="offline", max_in_flight=max(1, max_in_flight)))
+                                    embedding_provider="offline", max_in_flight=max(1, max_in_flight),
+                                    timeout_s=timeout_s, max_tokens_by_task={"qa": max_tokens} if max_tokens else None))

@@ -28,7 +28,8 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm_client import _FENCE_RE, _first_balanced_object, atomic_write_text, extract_json, strip_reasoning  # noqa: E402
+from llm_client import _FENCE_RE, _first_balanced_object, extract_json, strip_reasoning  # noqa: E402
+from memory_store import StoreError, atomic_write_text, check_output_file  # noqa: E402
 from memory_system import AGENTS, ActionFormatError, parse_actions  # noqa: E402
 from training import trajectories as tj  # noqa: E402
 
@@ -222,15 +223,23 @@ def build_parser() -> tj.OneLineParser:
     p.add_argument("--dataset-name", default=DEFAULT_DATASET_NAME, help="name of the dataset_info.json entry")
     p.add_argument("--include-unfinished", action="store_true",
                    help="also use the finished sessions of dialogues whose generation has not ended")
+    p.add_argument("--allow-test-split", action="store_true",
+                   help="allow dialogues of held-out LongMemEval test instances (refused by default)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    return tj.cli_exit(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.max_length < 1:
             raise tj.TrajectoryError("--max-length must be at least 1")
+        check_output_file(args.output_file, "--output-file")
         dialogues, unfinished = load_dialogues(args.trajectory_dir, include_unfinished=args.include_unfinished)
+        tj.refuse_test_split(((d.dataset, d.sample_id) for d in dialogues), args.allow_test_split, "dialogue")
         if not dialogues:
             raise tj.TrajectoryError(f"no finished dialogue under {args.trajectory_dir} ({len(unfinished)} unfinished)")
         try:
@@ -242,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             raise tj.TrajectoryError(f"no usable agent call in {len(dialogues)} dialogue(s) "
                                      f"(skipped: {dict(conv.skipped)})")
         info_path = write_dataset(conv.records, Path(args.output_file), args.dataset_name)
-    except tj.TrajectoryError as exc:
+    except (tj.TrajectoryError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     total = len(conv.records) + conv.n_skipped

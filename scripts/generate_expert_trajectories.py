@@ -41,6 +41,14 @@ class UserError(Exception):
     """Ends the run with one line on stderr and exit code 2."""
 
 
+class _NotBuilt(Exception):
+    """A session that could not be built (its reason is recorded; a rerun resumes there)."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 # --------------------------------------------------------------------------- planning
 
 @dataclass
@@ -228,6 +236,9 @@ class Generator:
             for i in range(job.start, len(sample.sessions)):
                 session = sample.sessions[i]
                 result = await ms.build_session(session)
+                if not result.applied:  # an agent call failed at the endpoint: nothing of the session is recorded
+                    raise _NotBuilt("session {} not built ({})".format(session.id, "; ".join(
+                        f"{a}: {r}" for a, r in result.blocking_failures.items())))
                 lines = [tj.call_record(sample_id=str(sample.id), dataset=self.dataset, session_index=i,
                                         session_id=session.id, session_time=session.time, call=result.calls[a])
                          for a in AGENTS]
@@ -298,7 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL / VLLM_BASE_URL)")
     m.add_argument("--api-key", help="default: OPENAI_API_KEY / VLLM_API_KEY")
     m.add_argument("--max-in-flight", type=int, default=config.DEFAULT_MAX_IN_FLIGHT, help="requests in flight")
-    m.add_argument("--max-retries", type=int, default=config.DEFAULT_MAX_RETRIES)
+    m.add_argument("--max-retries", type=int, default=config.DEFAULT_MAX_RETRIES,
+                   help="retries per LLM call, transport faults and invalid replies together")
+    m.add_argument("--request-timeout", type=float, default=config.DEFAULT_REQUEST_TIMEOUT_S,
+                   help="seconds one attempt may take, to the whole reply (a deadline, not a read timeout)")
+    m.add_argument("--call-deadline", type=float, default=config.DEFAULT_CALL_DEADLINE_S,
+                   help="seconds one LLM call may take over all its attempts")
+    m.add_argument("--max-tokens-builder", type=int, default=config.MAX_TOKENS_BUILDER,
+                   help="reply cap of the four memory agents")
+    m.add_argument("--max-tokens-compress", type=int, default=config.MAX_TOKENS_COMPRESS,
+                   help="reply cap of core-memory compression")
     m.add_argument("--cache-dir", help="on-disk response cache")
     e = p.add_argument_group("embeddings")
     e.add_argument("--embedding-provider", choices=("openai", "offline"),
@@ -307,6 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--embedding-base-url")
     e.add_argument("--embedding-api-key")
     r = p.add_argument_group("run")
+    r.add_argument("--allow-test-split", action="store_true",
+                   help="allow held-out LongMemEval test instances (refused by default: they are the evaluation set)")
     r.add_argument("--parallel", action="store_true", help="run samples concurrently")
     r.add_argument("--workers", type=int, default=4, help="samples in flight with --parallel (default 4)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -325,6 +347,10 @@ def _load_samples(args) -> list:
         raise UserError(str(exc)) from None
     if not samples:
         raise UserError("no samples selected")
+    try:
+        tj.refuse_test_split(((s.dataset, s.id) for s in samples), args.allow_test_split, "selected instance")
+    except tj.TrajectoryError as exc:
+        raise UserError(str(exc)) from None
     if args.sessions is not None:
         if args.sessions < 1:
             raise UserError("--sessions must be at least 1")
@@ -345,7 +371,10 @@ def _make_client(args) -> LLMClient:
             provider=args.provider, model=args.expert_model, base_url=args.base_url, api_key=args.api_key,
             embedding_provider=args.embedding_provider, embedding_model=args.embedding_model,
             embedding_base_url=args.embedding_base_url, embedding_api_key=args.embedding_api_key,
-            max_in_flight=args.max_in_flight, max_retries=args.max_retries, cache_dir=args.cache_dir))
+            max_in_flight=args.max_in_flight, max_retries=args.max_retries, cache_dir=args.cache_dir,
+            timeout_s=args.request_timeout, call_deadline_s=args.call_deadline,
+            max_tokens_by_task=config.max_tokens_table(builder=args.max_tokens_builder,
+                                                       compress=args.max_tokens_compress)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 
@@ -370,8 +399,22 @@ def _print_summary(results: list[JobResult], jobs: list[Job], elapsed: float, cl
 
 
 def main(argv: list[str] | None = None) -> int:
+    return tj.cli_exit(lambda: _main(argv))
+
+
+async def _preflight(client: LLMClient) -> None:
+    try:
+        await client.preflight(chat=True, embeddings=True)
+    finally:
+        await client.aclose()
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, level=logging.INFO, timestamps=True)
+    from llm_client import LLMFatalError
+    from memory_store import FolderLock, StoreError, check_output_dir
+
     try:
         if args.workers < 1:
             raise UserError("--workers must be at least 1")
@@ -379,22 +422,37 @@ def main(argv: list[str] | None = None) -> int:
         client = _make_client(args)
         settings = _settings_of(client)
         out_root = Path(args.output_dir)
-        jobs = [plan_job(s, out_root, args.dataset, settings, args.skip_existing) for s in samples]
-    except UserError as exc:
+        check_output_dir(out_root / args.dataset, "--output-dir")
+        lock = FolderLock(out_root / args.dataset, what="trajectory folder").acquire()
+    except (UserError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for j in jobs:
-        if j.note:
-            log.info("%s: %s", j.sample.id, j.note)
-    from tqdm import tqdm
+    try:
+        try:
+            jobs = [plan_job(s, out_root, args.dataset, settings, args.skip_existing) for s in samples]
+            if any(j.action != "skip" for j in jobs):
+                asyncio.run(_preflight(client))
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except LLMFatalError as exc:
+            print(f"error: expert endpoint: {exc.reason}; check --api-key / OPENAI_API_KEY, --base-url and "
+                  "--expert-model (embeddings: --embedding-base-url, --embedding-api-key)", file=sys.stderr)
+            return 2
+        for j in jobs:
+            if j.note:
+                log.info("%s: %s", j.sample.id, j.note)
+        from tqdm import tqdm
 
-    todo = sum(len(j.sample.sessions) - j.start for j in jobs if j.action != "skip")
-    t0 = time.perf_counter()
-    with tqdm(total=todo, desc="sessions", unit="session", disable=True if args.no_progress else None) as bar:
-        gen = Generator(client, args.dataset, settings, progress=bar)
-        results = asyncio.run(run_jobs(jobs, gen, args.workers if args.parallel else 1))
-    _print_summary(results, jobs, time.perf_counter() - t0, client, out_root / args.dataset)
-    return 1 if any(r.error for r in results) else 0
+        todo = sum(len(j.sample.sessions) - j.start for j in jobs if j.action != "skip")
+        t0 = time.perf_counter()
+        with tqdm(total=todo, desc="sessions", unit="session", disable=True if args.no_progress else None) as bar:
+            gen = Generator(client, args.dataset, settings, progress=bar)
+            results = asyncio.run(run_jobs(jobs, gen, args.workers if args.parallel else 1))
+        _print_summary(results, jobs, time.perf_counter() - t0, client, out_root / args.dataset)
+        return 1 if any(r.error for r in results) else 0
+    finally:
+        lock.release()
 
 
 if __name__ == "__main__":

@@ -213,7 +213,8 @@ async def generate_qa(dialogues: list[tj.Dialogue], args) -> dict[str, dict[int,
     from qa_generator import qa_client
     from training.session_qa import fill_qa_cache
 
-    client = qa_client(args.provider, args.model, args.base_url, args.api_key, args.workers)
+    client = qa_client(args.provider, args.model, args.base_url, args.api_key, args.workers,
+                       timeout_s=args.request_timeout, max_tokens=args.max_tokens_qa)
     sem = asyncio.Semaphore(args.workers)
     total = sum(d.finished_sessions for d in dialogues)
     out: dict[str, dict[int, dict]] = {}
@@ -246,11 +247,22 @@ def build_parser() -> tj.OneLineParser:
     p.add_argument("--data-source", default=DATA_SOURCE, help=f"the data_source column (default {DATA_SOURCE})")
     p.add_argument("--state-path-base", help="write state paths relative to this folder (the reward server's "
                                              "state root) instead of absolute")
+    p.add_argument("--request-timeout", type=float, default=config.DEFAULT_REQUEST_TIMEOUT_S,
+                   help="seconds one QA-generation attempt may take, to the whole reply")
+    p.add_argument("--max-tokens-qa", type=int, default=config.MAX_TOKENS_QA, help="reply cap of QA generation")
+    p.add_argument("--allow-test-split", action="store_true",
+                   help="allow dialogues of held-out LongMemEval test instances (refused by default)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    return tj.cli_exit(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    from memory_store import StoreError, check_output_file
+
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -260,9 +272,11 @@ def main(argv: list[str] | None = None) -> int:
             raise tj.TrajectoryError("--workers must be at least 1")
         if Path(args.output_file).suffix != ".parquet":
             raise tj.TrajectoryError(f"--output-file must end in .parquet, not {args.output_file!r}")
+        check_output_file(args.output_file, "--output-file")
         from scripts.convert_trajectories_to_sft import load_dialogues
 
         dialogues, unfinished = load_dialogues(args.trajectories_dir)
+        tj.refuse_test_split(((d.dataset, d.sample_id) for d in dialogues), args.allow_test_split, "dialogue")
         if not dialogues:
             raise tj.TrajectoryError(f"no finished dialogue under {args.trajectories_dir} ({len(unfinished)} unfinished)")
         if args.add_qa:
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         if not b.rows:
             raise tj.TrajectoryError(f"no rows: every session was skipped ({dict(b.sessions_skipped)})")
         write_parquet(b.rows, Path(args.output_file))
-    except tj.TrajectoryError as exc:
+    except (tj.TrajectoryError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"RL data -> {args.output_file}")

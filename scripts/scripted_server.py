@@ -110,8 +110,11 @@ class ScriptedServer:
     def __init__(self, responder: Responder | None = None, *, latency_s: float = 0.0, fail_500: float = 0.0,
                  fail_429: float = 0.0, malformed: float = 0.0, malformed_prefix: str = "agent.",
                  fault_embeddings: bool = True, seed: int = 0, embed_dim: int = 64, host: str = "127.0.0.1",
-                 port: int = 0, keep_bodies: bool = True, reject_response_format: bool = False):
+                 port: int = 0, keep_bodies: bool = True, reject_response_format: bool = False,
+                 fail_tasks: dict[str, int] | None = None):
         self.responder = responder or default_responder
+        # task (X-MemBuilder-Task) -> HTTP status answered to every request of that task, e.g. {"agent.core": 500}
+        self.fail_tasks = dict(fail_tasks or {})
         self.reject_response_format = reject_response_format  # act like a server without JSON mode (HTTP 400)
         self.latency_s = latency_s
         self.fail_500, self.fail_429, self.malformed = fail_500, fail_429, malformed
@@ -156,6 +159,9 @@ class ScriptedServer:
         app = FastAPI()
 
         def fault_response(kind: str):
+            if kind.startswith("task:"):
+                code = int(kind.split(":", 1)[1])
+                return JSONResponse({"error": {"message": f"scripted failure HTTP {code}", "type": "scripted"}}, code)
             if kind == "500":
                 return JSONResponse({"error": {"message": "injected server error", "type": "server_error"}}, 500)
             return JSONResponse({"error": {"message": "injected rate limit", "type": "rate_limit"}}, 429,
@@ -179,9 +185,9 @@ class ScriptedServer:
                     rec.status, rec.fault = 400, "response_format"
                     return JSONResponse({"error": {"message": "response_format is not supported by this server",
                                                    "type": "invalid_request_error"}}, 400)
-                fault = self._fault()
+                fault = f"task:{self.fail_tasks[task]}" if task in self.fail_tasks else self._fault()
                 if fault:
-                    rec.status, rec.fault = int(fault), fault
+                    rec.status, rec.fault = int(fault.split(":")[-1]), fault
                     return fault_response(fault)
                 content = self.responder(task, body)
                 if self.malformed and task.startswith(self.malformed_prefix) and self._draw() < self.malformed:
@@ -209,9 +215,11 @@ class ScriptedServer:
             try:
                 if self.latency_s:
                     await asyncio.sleep(self.latency_s)
-                fault = self._fault() if self.fault_embeddings else None
+                task = rec.task
+                fault = f"task:{self.fail_tasks[task]}" if task in self.fail_tasks else (
+                    self._fault() if self.fault_embeddings else None)
                 if fault:
-                    rec.status, rec.fault = int(fault), fault
+                    rec.status, rec.fault = int(fault.split(":")[-1]), fault
                     return fault_response(fault)
                 data = [{"object": "embedding", "index": i, "embedding": hashed_embedding(str(t), self.embed_dim)}
                         for i, t in enumerate(inputs)]

@@ -115,11 +115,17 @@ def build_parser() -> "tj.OneLineParser":
     p.add_argument("--api-key")
     p.add_argument("--workers", type=int, default=8, help="QA requests in flight")
     p.add_argument("--output", help="also write every session's QA record to this JSONL file")
+    p.add_argument("--allow-test-split", action="store_true",
+                   help="allow dialogues of held-out LongMemEval test instances (refused by default)")
     p.add_argument("--verbose", action="store_true")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    return tj.cli_exit(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers < 1:
             raise tj.TrajectoryError("--workers must be at least 1")
         dialogues = [tj.load_dialogue(p) for p in tj.find_dialogues(args.trajectory_dir)]
+        tj.refuse_test_split(((d.dataset, d.sample_id) for d in dialogues), args.allow_test_split, "dialogue")
         if args.sample_id:
             known = {d.sample_id for d in dialogues}
             unknown = [s for s in args.sample_id if s not in known]

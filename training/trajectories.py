@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from llm_client import atomic_write_text
+from memory_store import atomic_write_text
 from memory_system import AGENTS
 
 STATES_DIR = "states"
@@ -49,6 +49,33 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # noqa: D401 - argparse API
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(2)
+
+
+def cli_exit(main_fn) -> int:
+    """Run a CLI's main: Ctrl-C is one line and exit code 130 (finished work is on disk), never a traceback."""
+    try:
+        return main_fn()
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def test_split_ids() -> set[str]:
+    """LongMemEval question ids of MemBuilder's held-out `test` split (the committed splits file)."""
+    from eval.datasets import load_splits
+
+    return set(load_splits().get("test", []))
+
+
+def refuse_test_split(items: Iterable[tuple[str, str]], allow: bool, what: str = "instance") -> None:
+    """TrajectoryError when any (dataset, sample id) is a held-out LongMemEval test instance, unless `allow`."""
+    if allow:
+        return
+    held_out = test_split_ids()
+    bad = sorted({sid for ds, sid in items if str(ds).startswith("longmemeval") and str(sid) in held_out})
+    if bad:
+        raise TrajectoryError(f"{len(bad)} {what}(s) of the held-out LongMemEval test split (e.g. {bad[0]}): training "
+                              "on them leaks the evaluation set; pass --allow-test-split if you mean it")
 
 
 # --------------------------------------------------------------------------- paths

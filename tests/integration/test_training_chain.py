@@ -157,15 +157,25 @@ def test_failed_agent_calls_are_recorded(tmp_path):
     assert meta["n_failed_calls"] == 3 and all("semantic" in s["failures"] for s in meta["sessions"])
 
 
-def test_network_failure_stops_one_sample_and_a_rerun_resumes_it(trajectories, server, tmp_path, capsys):
-    dead = "http://127.0.0.1:9/v1"  # nothing listens there: every embedding request fails to connect
+def test_dead_embeddings_endpoint_is_refused_up_front(server, tmp_path, capsys):
+    dead = "http://127.0.0.1:9/v1"  # nothing listens there
     rc = gen_cli.main(gen_args(server.base_url, tmp_path, "--embedding-base-url", dead, "--max-retries", "0"))
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "127.0.0.1:9" in err and "--embedding-base-url" in err
+    assert not any((tmp_path / "longmemeval").glob("*/agent_calls.jsonl"))
+
+
+def test_network_failure_stops_one_sample_and_a_rerun_resumes_it(trajectories, tmp_path, capsys):
+    with ScriptedServer(fail_tasks={"embed.entries": 503}) as failing:
+        rc = gen_cli.main(gen_args(failing.base_url, tmp_path, "--max-retries", "0"))
     assert rc == 1
     assert "stopped by errors" in capsys.readouterr().out
     for name in ("train_tiny_001", "train_tiny_002"):
         meta = json.loads((tmp_path / "longmemeval" / name / tj.METADATA_FILE).read_text())
-        assert meta["status"] == tj.STATUS_IN_PROGRESS and "embeddings" in meta["last_error"]
-    assert gen_cli.main(gen_args(server.base_url, tmp_path)) == 0
+        assert meta["status"] == tj.STATUS_IN_PROGRESS and "503" in meta["last_error"]
+        assert meta["sessions_done"] == 0
+    with ScriptedServer() as healthy:
+        assert gen_cli.main(gen_args(healthy.base_url, tmp_path)) == 0
     for name in ("train_tiny_001", "train_tiny_002"):
         got, ref = tmp_path / "longmemeval" / name, trajectories / name
         assert _memory(tj.state_dir(got, N_SESSIONS)) == _memory(tj.state_dir(ref, N_SESSIONS))
@@ -466,14 +476,21 @@ def test_real_longmemeval_sample_offline(shared_data, tmp_path, capsys):
     if not sample.is_file():
         pytest.skip(f"{sample} is absent")
     out = tmp_path / "traj"
-    assert gen_cli.main(["--dataset", "longmemeval", "--dataset-path", str(sample), "--provider", "offline",
-                         "--output-dir", str(out), "--sessions", str(REAL_SESSIONS), "--no-progress"]) == 0
+    # e47becba is a held-out test instance: every training CLI refuses it unless told otherwise.
+    gen = ["--dataset", "longmemeval", "--dataset-path", str(sample), "--provider", "offline", "--output-dir", str(out),
+           "--sessions", str(REAL_SESSIONS), "--no-progress"]
+    assert gen_cli.main(gen) == 2 and "test split" in capsys.readouterr().err
+    assert gen_cli.main([*gen, "--allow-test-split"]) == 0
     path = out / "longmemeval" / "e47becba"
     d = tj.load_dialogue(path)
     assert d.finished_sessions == REAL_SESSIONS and len(d.calls) == 4 * REAL_SESSIONS
-    assert sft_cli.main(["--trajectory-dir", str(out), "--output-file", str(tmp_path / "sft" / "d.json")]) == 0
-    assert rl_cli.main(["--trajectories-dir", str(out), "--output-file", str(tmp_path / "rl.parquet"), "--add-qa",
-                        "--provider", "offline", "--no-progress"]) == 0
+    sft = ["--trajectory-dir", str(out), "--output-file", str(tmp_path / "sft" / "d.json")]
+    rl = ["--trajectories-dir", str(out), "--output-file", str(tmp_path / "rl.parquet"), "--add-qa", "--provider",
+          "offline", "--no-progress"]
+    assert sft_cli.main(sft) == 2 and rl_cli.main(rl) == 2
+    assert capsys.readouterr().err.count("--allow-test-split") == 2
+    assert sft_cli.main([*sft, "--allow-test-split"]) == 0
+    assert rl_cli.main([*rl, "--allow-test-split"]) == 0
     printed = capsys.readouterr().out
     import pyarrow.parquet as pq
 
