@@ -40,7 +40,6 @@ import math
 import os
 import re
 import string
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -368,15 +367,9 @@ _MAX_SAMPLE_ROWS = 20
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from memory_store import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
 
 
 def _fmt_pct(value: Any) -> str:
@@ -492,6 +485,14 @@ def render_report(summary: Mapping[str, Any], *, title: str, chart_name: str | N
     lines.append(f"- **Dataset:** {summary.get('dataset', 'unknown')}")
     if summary.get("models"):
         lines.append(f"- **Models:** {_describe(summary['models'])}")
+    prov = summary.get("provenance") or {}
+    if prov.get("sessions_total"):
+        lines.append(f"- **Memory:** built by {', '.join(prov.get('builder') or []) or 'unknown'}, "
+                     f"{prov.get('sessions_built')} of {prov.get('sessions_total')} sessions "
+                     f"({len(prov.get('partial') or [])} partial, {len(prov.get('empty') or [])} empty, "
+                     f"{len(prov.get('stopped') or [])} stopped samples)")
+    for warning in summary.get("warnings") or []:
+        lines.append(f"- **Warning:** {warning}")
     judge = summary.get("judge") or summary.get("judge_protocol")
     lines.append(f"- **Judge:** {_describe(judge) if judge else 'not recorded in the summary'}")
     lines.append(

@@ -111,10 +111,12 @@ class ScriptedServer:
                  fail_429: float = 0.0, malformed: float = 0.0, malformed_prefix: str = "agent.",
                  fault_embeddings: bool = True, seed: int = 0, embed_dim: int = 64, host: str = "127.0.0.1",
                  port: int = 0, keep_bodies: bool = True, reject_response_format: bool = False,
-                 fail_tasks: dict[str, int] | None = None):
+                 fail_tasks: dict[str, int] | None = None, raw_reply: Callable | None = None):
         self.responder = responder or default_responder
         # task (X-MemBuilder-Task) -> HTTP status answered to every request of that task, e.g. {"agent.core": 500}
-        self.fail_tasks = dict(fail_tasks or {})
+        self.fail_tasks = dict(fail_tasks or {})  # "*" stands for every task
+        # raw_reply(task, body) -> a Starlette Response to send instead of a completion (malformed replies), or None
+        self.raw_reply = raw_reply
         self.reject_response_format = reject_response_format  # act like a server without JSON mode (HTTP 400)
         self.latency_s = latency_s
         self.fail_500, self.fail_429, self.malformed = fail_500, fail_429, malformed
@@ -146,6 +148,10 @@ class ScriptedServer:
         with self._lock:
             self.in_flight -= 1
             self.log.append(rec)
+
+    def _task_fault(self, task: str) -> str | None:
+        code = self.fail_tasks.get(task, self.fail_tasks.get("*"))
+        return f"task:{code}" if code else None
 
     def _fault(self) -> str | None:
         d = self._draw()
@@ -185,10 +191,14 @@ class ScriptedServer:
                     rec.status, rec.fault = 400, "response_format"
                     return JSONResponse({"error": {"message": "response_format is not supported by this server",
                                                    "type": "invalid_request_error"}}, 400)
-                fault = f"task:{self.fail_tasks[task]}" if task in self.fail_tasks else self._fault()
+                fault = self._task_fault(task) or self._fault()
                 if fault:
                     rec.status, rec.fault = int(fault.split(":")[-1]), fault
                     return fault_response(fault)
+                raw = self.raw_reply(task, body) if self.raw_reply else None
+                if raw is not None:
+                    rec.fault = "raw"
+                    return raw
                 content = self.responder(task, body)
                 if self.malformed and task.startswith(self.malformed_prefix) and self._draw() < self.malformed:
                     content, rec.fault = content[: max(1, len(content) // 2)] + " <<truncated", "malformed"
@@ -216,8 +226,7 @@ class ScriptedServer:
                 if self.latency_s:
                     await asyncio.sleep(self.latency_s)
                 task = rec.task
-                fault = f"task:{self.fail_tasks[task]}" if task in self.fail_tasks else (
-                    self._fault() if self.fault_embeddings else None)
+                fault = self._task_fault(task) or (self._fault() if self.fault_embeddings else None)
                 if fault:
                     rec.status, rec.fault = int(fault.split(":")[-1]), fault
                     return fault_response(fault)

@@ -10,7 +10,6 @@ agents saw in `agent_calls.jsonl`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -43,11 +42,11 @@ def session_inputs(dialogue, i: int) -> tuple[str, str | None]:
 
 
 def memory_before(dialogue, i: int) -> tuple[str, list[tuple[str, str]]]:
-    """The core block and every (type, text) entry of the memory before session i."""
+    """The core block and every (type, text) entry of the memory before session i (MemoryStoreError if corrupt)."""
+    from memory_store import read_memory_file
     from memory_system import MemoryState
 
-    data = json.loads((dialogue.state_path(i) / "memory.json").read_text(encoding="utf-8"))
-    state = MemoryState.from_dict(data)
+    state = MemoryState.from_dict(read_memory_file(dialogue.state_path(i) / "memory.json"))
     return state.core, [(e.type, e.text) for e in state.entries]
 
 
