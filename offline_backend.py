@@ -429,6 +429,7 @@ def lexical_verdict(answer: str, gold: str, *, abstention: bool = False, also_co
 @register_offline_handler("judge.paper")
 def judge_paper(inputs: dict) -> str:
     return json.dumps({"label": lexical_verdict(inputs.get("answer", ""), str(inputs.get("gold", "")),
+                                                abstention=bool(inputs.get("abstention")),
                                                 also_correct=inputs.get("also_correct"))})
 
 

@@ -209,10 +209,16 @@ Reply with JSON only: {"label": "CORRECT"} or {"label": "WRONG"}
 """
 
 
-def judge_paper_prompt(question: str, gold: str, answer: str, also_correct: str | None = None) -> Prompt:
-    """`also_correct`: a second accepted answer (LoCoMo's two category-5 items whose own answer is "No")."""
-    user = f"Question: {question}\nGold answer: {gold}\n"
+def judge_paper_prompt(question: str, gold: str, answer: str, also_correct: str | None = None,
+                       abstention: bool = False) -> Prompt:
+    """`also_correct`: a second accepted answer (LoCoMo's two category-5 items whose own answer is "No").
+    `abstention`: the question is unanswerable and `gold` only explains why (LongMemEval's `_abs` items)."""
     inputs = {"question": question, "gold": gold, "answer": answer}
+    if abstention:
+        user = f"Question: {question}\nGold answer: Not answerable ({gold})\n"
+        inputs["abstention"] = True
+    else:
+        user = f"Question: {question}\nGold answer: {gold}\n"
     if also_correct:
         user += f"Also correct: {also_correct} (an answer that gives this is CORRECT as well)\n"
         inputs["also_correct"] = also_correct

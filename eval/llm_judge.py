@@ -81,7 +81,7 @@ def parse_yes_no(text: str) -> str:
 def judge_prompt(protocol: str, *, question: str, gold: str, answer: str, question_type: str = "",
                  abstention: bool = False, also_correct: str | None = None) -> prompts.Prompt:
     if protocol == "paper":
-        return prompts.judge_paper_prompt(question, gold, answer, also_correct)
+        return prompts.judge_paper_prompt(question, gold, answer, also_correct, abstention)
     if protocol in ("longmemeval", "longmemeval-json"):
         return prompts.judge_longmemeval_prompt(question, gold, answer, question_type, abstention,
                                                 reply=REPLY_FORMS[protocol])

@@ -229,6 +229,13 @@ def test_judge_paper_prompt_also_correct_only_when_given():
     assert "Also correct" not in _user(judge_paper_prompt("q", "g", "a"))
 
 
+def test_judge_paper_prompt_abstention_gold_is_an_explanation():
+    p = judge_paper_prompt("Where did I buy my tent?", "The user never mentioned a tent.", "I don't know",
+                           abstention=True)
+    assert "Gold answer: Not answerable (The user never mentioned a tent.)" in _user(p)
+    assert p.inputs["abstention"] is True and "abstention" not in judge_paper_prompt("q", "g", "a").inputs
+
+
 def _lme(question_type, abstention=False, reply="yes_no", gold="g"):
     return judge_longmemeval_prompt("q", gold, "a", question_type, abstention, reply=reply)
 
