@@ -267,3 +267,30 @@ def test_offline_judge_answers_every_protocol_in_its_form(protocol):
         assert right.raw == "yes" and wrong.raw == "no"
     else:
         assert json.loads(right.raw) == {"label": "CORRECT"}
+
+
+def test_conv26_no_items_are_graded_by_the_datasets_own_answer(shared_data):
+    """The two conv-26 category-5 items that carry `answer: "No"`: abstaining and "No" are correct, "Yes" is not;
+    LoCoMo's own script rule (beside ours in summary.json) only accepts its two phrases."""
+    from eval import metrics
+    from eval.datasets import load_dataset
+
+    (sample,) = load_dataset("locomo", dataset_path=shared_data / "locomo" / "locomo10_dev.json",
+                             sample_ids=["conv-26"])
+    items = [q for q in sample.questions if q.extra.get("original_answer")]
+    assert sorted(q.text for q in items) == ["Did Caroline make the black and white bowl in the photo?",
+                                             "Is Oscar Melanie's pet?"]
+    client = LLMClient(provider="offline")
+    for q in items:
+        assert (q.category, q.answer, q.extra["original_answer"]) == (5, "Not answerable", "No")
+
+        async def label(answer):
+            v = await judge_answer(client, "paper", question=q.text, gold=q.answer, answer=answer,
+                                   question_type=q.type, also_correct=q.extra["original_answer"])
+            return v.label
+
+        for answer, expected in (("No, that was Melanie's.", "CORRECT"), ("Not answerable", "CORRECT"),
+                                 ("Yes", "WRONG")):
+            assert asyncio.run(label(answer)) == expected
+        assert metrics.locomo_f1("No, that was Melanie's.", q.answer, q.category, q.extra["original_answer"]) == 1.0
+        assert metrics.locomo_script_f1("No, that was Melanie's.", q.answer, q.category) == 0.0
