@@ -370,7 +370,10 @@ def date_expressions(text: str) -> tuple[list[DateSpan | None], str]:
         span, precision = absolute
         if g["unit"]:
             n = int(g["n"]) if g["n"] and g["n"].isdigit() else _COUNTS.get(g["n"] or "a", 1)
-            span = _relative(span, precision, g["unit"], g["rel"], n)
+            try:
+                span = _relative(span, precision, g["unit"], g["rel"], n)
+            except (ValueError, OverflowError):  # shifted past year 1 or 9999
+                span = None
         spans.append(span)
         rest.append(low[last:m.start()])
         last = m.end()

@@ -386,6 +386,13 @@ def test_date_expressions_give_spans_and_cut_them_out():
     assert ob.date_expressions("31 February 2023")[0] == []  # not a date
 
 
+def test_date_expressions_out_of_calendar_range_are_unresolved():
+    assert ob.date_expressions("the week before 1 January 0001")[0] == [None]
+    assert ob.date_expressions("2 days after 31 December 9999")[0] == [None]
+    # an unresolved gold date falls back to the token rule
+    assert lexical_verdict("the week before 1 January 0001", "the week before 1 January 0001") == "CORRECT"
+
+
 def test_date_expression_scan_is_bounded():
     import time
 
