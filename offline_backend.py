@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
 
 from typing import Callable
 
@@ -260,13 +261,154 @@ def extractive_answer(inputs: dict) -> str:
     return _clip(re.sub(r"^\d{4}-\d{2}(?:-\d{2})?(?: \d{2}:\d{2})?:\s*", "", sentence), 200)
 
 
-def lexical_verdict(answer: str, gold: str, *, abstention: bool = False) -> str:
-    gold_unanswerable = abstention or bool(re.fullmatch(r"\s*not answerable\.?\s*", gold or "", re.IGNORECASE))
-    says_unavailable = bool(_UNAVAILABLE.search(answer or ""))
-    if gold_unanswerable:
-        return "CORRECT" if says_unavailable else "WRONG"
-    if says_unavailable:
-        return "WRONG"
+# Dates in judged text. A date answer is CORRECT only at the gold's own precision: gold "June 2023" accepts any day of
+# June 2023 and rejects 2023-07-20; gold "7 May 2023" rejects the coarser "May 2023"; gold "The week before 9 June
+# 2023" stands for 2-8 June, so the anchor day itself is WRONG.
+_MONTHS = {"january": 1, "jan": 1, "february": 2, "feb": 2, "march": 3, "mar": 3, "april": 4, "apr": 4, "may": 5,
+           "june": 6, "jun": 6, "july": 7, "jul": 7, "august": 8, "aug": 8, "september": 9, "sept": 9, "sep": 9,
+           "october": 10, "oct": 10, "november": 11, "nov": 11, "december": 12, "dec": 12}
+_WEEKDAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_COUNTS = {"a": 1, "an": 1, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8,
+           "nine": 9, "ten": 10, "a couple of": 2, "couple of": 2}
+_MON = "(?:" + "|".join(sorted(_MONTHS, key=len, reverse=True)) + r")\.?"
+_ORD = r"(?:st|nd|rd|th)?"
+_DATE_RE = re.compile(
+    r"\b(?:(?:(?P<n>\d{1,2}|a couple of|couple of|an?|one|two|three|four|five|six|seven|eight|nine|ten)\s+)?"
+    r"(?P<unit>days?|weeks?|weekends?|months?|years?|" + "|".join(f"{d}s?" for d in _WEEKDAYS) + r")\s+"
+    r"(?P<rel>before|after|of|prior to)\s+)?"
+    r"(?:(?P<iy>\d{4})[-/](?P<im>\d{1,2})(?:[-/](?P<id>\d{1,2}))?"
+    rf"|(?P<dd>\d{{1,2}}){_ORD}(?:\s+of)?\s+(?P<dm>{_MON})(?:,?\s+(?P<dy>\d{{4}}))?"
+    rf"|(?P<mm>{_MON})\s+(?P<md>\d{{1,2}}){_ORD}(?:,?\s+(?P<my>\d{{4}}))?"
+    rf"|(?P<ym>{_MON}),?\s+(?:of\s+)?(?P<yy>\d{{4}})"
+    r"|(?P<y>(?:19|20)\d{2}))\b")
+# Words around a date that carry no content of their own ("since 2016", "in early June 2023").
+_DATE_FILLER = {_stem(w) for w in ("since", "around", "about", "approximately", "roughly", "early", "late", "mid",
+                                     "middle", "sometime", "during", "date", "day", "month", "year", "week", "weekend")}
+_MAX_DATE_SCAN = 4000  # judged texts are short; the cap bounds the scan on a pathological answer
+_NO_YEAR = 2000  # a leap year stands in for a date written without its year
+
+
+@dataclass(frozen=True)
+class DateSpan:
+    """The days a date expression denotes, [lo, hi]; a date written without its year has year_known False."""
+    lo: date
+    hi: date
+    year_known: bool = True
+
+
+def _month_end(y: int, m: int) -> date:
+    return (date(y + (m == 12), m % 12 + 1, 1) - timedelta(days=1))
+
+
+def _absolute(g: dict) -> tuple[DateSpan, str] | None:
+    """The span of the date part of a match and its precision ("day", "month" or "year"); None when invalid."""
+    try:
+        if g["iy"]:
+            y, m = int(g["iy"]), int(g["im"])
+            if g["id"]:
+                d = date(y, m, int(g["id"]))
+                return DateSpan(d, d), "day"
+            return DateSpan(date(y, m, 1), _month_end(y, m)), "month"
+        if g["dd"] or g["md"]:
+            day, mon, yr = (g["dd"], g["dm"], g["dy"]) if g["dd"] else (g["md"], g["mm"], g["my"])
+            y, m = (int(yr) if yr else _NO_YEAR), _MONTHS[mon.rstrip(".")]
+            d = date(y, m, int(day))
+            return DateSpan(d, d, year_known=bool(yr)), "day"
+        if g["ym"]:
+            y, m = int(g["yy"]), _MONTHS[g["ym"].rstrip(".")]
+            return DateSpan(date(y, m, 1), _month_end(y, m)), "month"
+        y = int(g["y"])
+        return DateSpan(date(y, 1, 1), date(y, 12, 31)), "year"
+    except ValueError:  # month 13, 31 February, ...
+        return None
+
+
+def _shift_months(d: date, n: int) -> tuple[int, int]:
+    k = d.year * 12 + d.month - 1 + n
+    return k // 12, k % 12 + 1
+
+
+def _relative(anchor: DateSpan, precision: str, unit: str, rel: str, n: int) -> DateSpan | None:
+    """The span of '<n> <unit> before|after|of <anchor>'; None when the anchor is too coarse to resolve it."""
+    unit = unit[:-1] if unit.endswith("s") else unit
+    rel = "before" if rel == "prior to" else rel
+    sign = -1 if rel == "before" else 1
+    if unit == "year":
+        y = anchor.lo.year + (0 if rel == "of" else sign * n)
+        return DateSpan(date(y, 1, 1), date(y, 12, 31), anchor.year_known)
+    if unit == "month":
+        if precision == "year":
+            return None
+        y, m = _shift_months(anchor.lo, 0 if rel == "of" else sign * n)
+        return DateSpan(date(y, m, 1), _month_end(y, m), anchor.year_known)
+    if precision != "day" or not anchor.year_known:  # weekdays need the real year
+        return None
+    d = anchor.lo
+    if unit == "day":
+        day = d if rel == "of" else d + timedelta(days=sign * n)
+        return DateSpan(day, day)
+    if unit == "week":
+        if rel == "of":
+            monday = d - timedelta(days=d.weekday())
+            return DateSpan(monday, monday + timedelta(days=6))
+        if rel == "before":
+            return DateSpan(d - timedelta(days=7 * n), d - timedelta(days=7 * n - 6))
+        return DateSpan(d + timedelta(days=7 * n - 6), d + timedelta(days=7 * n))
+    if unit == "weekend":
+        if rel == "of":
+            sat = d - timedelta(days=d.weekday()) + timedelta(days=5)
+        elif rel == "before":
+            sun = d - timedelta(days=(d.weekday() - 6) % 7 or 7) - timedelta(days=7 * (n - 1))
+            sat = sun - timedelta(days=1)
+        else:
+            sat = d + timedelta(days=(5 - d.weekday()) % 7 or 7) + timedelta(days=7 * (n - 1))
+        return DateSpan(sat, sat + timedelta(days=1))
+    wd = _WEEKDAYS.index(unit)
+    if rel == "of":
+        day = d - timedelta(days=d.weekday() - wd)
+    elif rel == "before":
+        day = d - timedelta(days=(d.weekday() - wd) % 7 or 7) - timedelta(days=7 * (n - 1))
+    else:
+        day = d + timedelta(days=(wd - d.weekday()) % 7 or 7) + timedelta(days=7 * (n - 1))
+    return DateSpan(day, day)
+
+
+def date_expressions(text: str) -> tuple[list[DateSpan | None], str]:
+    """Every date expression of `text` as a span (None: a relative date that cannot be resolved), and the text
+    with those expressions cut out."""
+    low = (text or "")[:_MAX_DATE_SCAN].lower()
+    spans: list[DateSpan | None] = []
+    rest, last = [], 0
+    for m in _DATE_RE.finditer(low):
+        g = m.groupdict()
+        absolute = _absolute(g)
+        if absolute is None:
+            continue
+        span, precision = absolute
+        if g["unit"]:
+            n = int(g["n"]) if g["n"] and g["n"].isdigit() else _COUNTS.get(g["n"] or "a", 1)
+            try:
+                span = _relative(span, precision, g["unit"], g["rel"], n)
+            except (ValueError, OverflowError):  # shifted past year 1 or 9999
+                span = None
+        spans.append(span)
+        rest.append(low[last:m.start()])
+        last = m.end()
+    rest.append(low[last:])
+    return spans, " ".join(rest)
+
+
+def date_within(answer: DateSpan, gold: DateSpan) -> bool:
+    """True when every day the answer names lies inside the gold's span (so the answer is at least as precise)."""
+    if gold.year_known:
+        return answer.year_known and gold.lo <= answer.lo and answer.hi <= gold.hi
+    if answer.lo.year != answer.hi.year:  # a year-less gold ("13 August") compares month and day only
+        return False
+    key = lambda d: (d.month, d.day)  # noqa: E731
+    return key(gold.lo) <= key(answer.lo) and key(answer.hi) <= key(gold.hi)
+
+
+def _token_verdict(answer: str, gold: str) -> str:
     g = set(content_tokens(str(gold)))
     a = set(content_tokens(answer or ""))
     if not g:
@@ -274,15 +416,51 @@ def lexical_verdict(answer: str, gold: str, *, abstention: bool = False) -> str:
     return "CORRECT" if len(g & a) / len(g) >= 0.5 else "WRONG"
 
 
+def _gives_answer(answer: str, expected: str) -> bool:
+    """The answer gives `expected`: for a yes/no answer its first word must be that word; otherwise tokens overlap."""
+    polar = expected.strip().strip(".!").lower()
+    if polar in ("yes", "no"):
+        words = _WORD.findall((answer or "").lower())
+        return bool(words) and words[0] == polar
+    return _token_verdict(answer, expected) == "CORRECT"
+
+
+def lexical_verdict(answer: str, gold: str, *, abstention: bool = False, also_correct: str | None = None) -> str:
+    """CORRECT/WRONG by rule: abstention for an unanswerable gold (or the dataset's own answer `also_correct`), the
+    gold's dates at the gold's precision, then at least half the gold's remaining content words."""
+    gold_unanswerable = abstention or bool(re.fullmatch(r"\s*not answerable\.?\s*", gold or "", re.IGNORECASE))
+    says_unavailable = bool(_UNAVAILABLE.search(answer or ""))
+    if gold_unanswerable:
+        if says_unavailable or (also_correct and _gives_answer(answer, also_correct)):
+            return "CORRECT"
+        return "WRONG"
+    if says_unavailable:
+        return "WRONG"
+    gold_dates, gold_rest = date_expressions(str(gold))
+    if not gold_dates or None in gold_dates:
+        return _token_verdict(answer, gold)
+    answer_dates, _ = date_expressions(answer or "")
+    if not all(any(a is not None and date_within(a, g) for a in answer_dates) for g in gold_dates):
+        return "WRONG"
+    rest = [t for t in content_tokens(gold_rest) if t not in _DATE_FILLER]
+    return _token_verdict(answer, " ".join(rest)) if rest else "CORRECT"
+
+
 @register_offline_handler("judge.paper")
 def judge_paper(inputs: dict) -> str:
-    return json.dumps({"label": lexical_verdict(inputs.get("answer", ""), str(inputs.get("gold", "")))})
+    return json.dumps({"label": lexical_verdict(inputs.get("answer", ""), str(inputs.get("gold", "")),
+                                                abstention=bool(inputs.get("abstention")),
+                                                also_correct=inputs.get("also_correct"))})
 
 
 @register_offline_handler("judge.longmemeval")
 def judge_longmemeval(inputs: dict) -> str:
-    return json.dumps({"label": lexical_verdict(inputs.get("answer", ""), str(inputs.get("gold", "")),
-                                                abstention=bool(inputs.get("abstention")))})
+    label = lexical_verdict(inputs.get("answer", ""), str(inputs.get("gold", "")),
+                            abstention=bool(inputs.get("abstention")))
+    # Reply in the form the prompt asks for, as an LLM judge would: LongMemEval's own yes/no, or the JSON label.
+    if inputs.get("reply") == "json":
+        return json.dumps({"label": label})
+    return "yes" if label == "CORRECT" else "no"
 
 
 # --------------------------------------------------------------------------- synthetic session QA

@@ -209,39 +209,72 @@ Reply with JSON only: {"label": "CORRECT"} or {"label": "WRONG"}
 """
 
 
-def judge_paper_prompt(question: str, gold: str, answer: str) -> Prompt:
-    user = f"Question: {question}\nGold answer: {gold}\nAnswer to grade: {answer}"
-    return Prompt(TASK_JUDGE_PAPER, _msgs(_JUDGE_PAPER_SYSTEM, user),
-                  {"question": question, "gold": gold, "answer": answer})
+def judge_paper_prompt(question: str, gold: str, answer: str, also_correct: str | None = None,
+                       abstention: bool = False) -> Prompt:
+    """`also_correct`: a second accepted answer (LoCoMo's two category-5 items whose own answer is "No").
+    `abstention`: the question is unanswerable and `gold` only explains why (LongMemEval's `_abs` items)."""
+    inputs = {"question": question, "gold": gold, "answer": answer}
+    if abstention:
+        user = f"Question: {question}\nGold answer: Not answerable ({gold})\n"
+        inputs["abstention"] = True
+    else:
+        user = f"Question: {question}\nGold answer: {gold}\n"
+    if also_correct:
+        user += f"Also correct: {also_correct} (an answer that gives this is CORRECT as well)\n"
+        inputs["also_correct"] = also_correct
+    user += f"Answer to grade: {answer}"
+    return Prompt(TASK_JUDGE_PAPER, _msgs(_JUDGE_PAPER_SYSTEM, user), inputs)
 
 
+# LongMemEval's own judge (its authors' evaluate_qa.py) has one rule per question type; the wording here is ours.
+_LME_STEPS = ("The response is correct when it contains the gold answer, is equivalent to it, or contains every "
+              "intermediate step that leads to it. It is wrong when it gives only part of the information the gold "
+              "answer requires, or a different answer.")
 _LME_RULES = {
-    "default": "CORRECT if the response contains the gold answer or is equivalent to it; a response that only "
-               "gives part of what the gold requires is WRONG.",
-    "temporal-reasoning": "CORRECT if the response contains the gold answer or is equivalent to it. Do not penalise "
-                          "an off-by-one error in a number of days, weeks or months (e.g. 18 vs 19 days).",
-    "knowledge-update": "CORRECT if the response gives the updated (latest) answer. A response that also mentions "
-                        "earlier values is still CORRECT as long as the updated answer is given as the current one.",
-    "single-session-preference": "The gold is a rubric describing what a good personalised response does. CORRECT if "
-                                 "the response recalls and uses the user's personal information as the rubric asks; "
-                                 "it need not satisfy every point.",
-    "abstention": "The question cannot be answered from the history. CORRECT if the response says the information is "
-                  "not available or the question cannot be answered; WRONG if it gives a specific answer.",
+    "default": _LME_STEPS,
+    "temporal-reasoning": _LME_STEPS + " Do not penalise an off-by-one error in a count of days, weeks or months "
+                                       "(for example 19 days where the gold answer says 18): it is still correct.",
+    "knowledge-update": "The user's information changed over time and the gold answer is the updated one. The "
+                        "response is correct when it gives the updated answer, even if it also mentions earlier "
+                        "information; it is wrong when it gives only an outdated or a different answer.",
+    "single-session-preference": "The gold is a rubric that describes a good personalised response. The response is "
+                                 "correct when it recalls the user's personal information and uses it correctly as "
+                                 "the rubric asks; it need not cover every point of the rubric.",
+    "abstention": "This question cannot be answered from the user's conversations; the explanation below says why "
+                  "and is not an answer. The response is correct when it recognises that the question cannot be "
+                  "answered: for example it says the information is incomplete or missing, or that related "
+                  "information was given but not what was asked. It is wrong when it answers as if it knew.",
 }
+LME_REPLY_FORMS = ("yes_no", "json")
 
 
-def judge_longmemeval_prompt(question: str, gold: str, answer: str, question_type: str, abstention: bool) -> Prompt:
-    rule = _LME_RULES["abstention"] if abstention else _LME_RULES.get(question_type, _LME_RULES["default"])
-    system = (
-        "You grade a chat assistant's response to a question about the user's conversation history "
-        f"(LongMemEval, question type: {question_type}).\nRule: {rule}\n"
-        'Reply with JSON only: {"label": "CORRECT"} or {"label": "WRONG"}'
-    )
-    gold_name = "Rubric" if question_type == "single-session-preference" else "Gold answer"
-    user = f"Question: {question}\n{gold_name}: {gold}\nResponse to grade: {answer}"
-    return Prompt(TASK_JUDGE_LONGMEMEVAL, _msgs(system, user),
-                  {"question": question, "gold": gold, "answer": answer, "question_type": question_type,
-                   "abstention": abstention})
+def longmemeval_rule(question_type: str, abstention: bool) -> str:
+    return _LME_RULES["abstention"] if abstention else _LME_RULES.get(question_type, _LME_RULES["default"])
+
+
+def judge_longmemeval_prompt(question: str, gold: str, answer: str, question_type: str, abstention: bool,
+                             reply: str = "yes_no") -> Prompt:
+    """LongMemEval's per-type judge. reply "yes_no": that judge's own form, one user message answered yes or no;
+    "json": the same rules with a system message and a {"label": ...} reply."""
+    if reply not in LME_REPLY_FORMS:
+        raise ValueError(f"unknown reply form {reply!r} (choose {', '.join(LME_REPLY_FORMS)})")
+    rule = longmemeval_rule(question_type, abstention)
+    if abstention:
+        gold_name = "Explanation (why it cannot be answered)"
+    elif question_type == "single-session-preference":
+        gold_name = "Rubric"
+    else:
+        gold_name = "Gold answer"
+    case = f"Question: {question}\n{gold_name}: {gold}\nResponse: {answer}"
+    inputs = {"question": question, "gold": gold, "answer": answer, "question_type": question_type,
+              "abstention": abstention, "reply": reply}
+    task = "You check a chat assistant's response to a question about the user's earlier conversations."
+    if reply == "yes_no":
+        user = f"{task}\n{rule}\n\n{case}\n\nIs the response correct? Reply with one word: yes or no."
+        return Prompt(TASK_JUDGE_LONGMEMEVAL, [{"role": "user", "content": user}], inputs)
+    system = (f"{task[:-1]} (LongMemEval, question type: {question_type}).\nRule: {rule}\n"
+              'Reply with JSON only: {"label": "CORRECT"} or {"label": "WRONG"}')
+    return Prompt(TASK_JUDGE_LONGMEMEVAL, _msgs(system, case), inputs)
 
 
 # --------------------------------------------------------------------------- synthetic session QA

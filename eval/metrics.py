@@ -14,17 +14,25 @@ Decisions (kept in one place so the report can cite them):
   a/an/the/and, collapses whitespace and Porter-stems every token (nltk's ``PorterStemmer`` in its
   default mode, the one LoCoMo's own script uses). Non-string answers (LoCoMo has a few integers)
   are converted with ``str``; ``None`` is the empty string.
-* Empty inputs: F1 and BLEU-1 are 1.0 when prediction and gold are both empty after normalisation
-  and 0.0 when only one is (a prediction cannot earn credit against nothing, nor nothing against a gold).
+* Empty inputs: F1 and BLEU-1 are 0.0 when the prediction or the gold is empty after normalisation,
+  both empty included, as in LoCoMo's script (its F1 is 0 without a shared token; nltk's BLEU is 0 for an
+  empty hypothesis). No real LoCoMo gold is empty after normalisation.
 * Category 1 (multi-hop): gold and prediction are split on commas *before* normalisation (which
   drops commas); each gold part takes its best F1 over the prediction parts; the parts are averaged.
+  As in LoCoMo's script, a part that is empty (a stray comma) is kept and scores 0.
 * Category 3 (open-domain): LoCoMo's gold often reads "answer; rationale". As in LoCoMo's official
   evaluation script, only the part before the first ';' is scored.
-* Category 5 (adversarial): the gold is "Not answerable" (the dataset gives only a misleading
+* Category 5 (adversarial), our rule: the gold is "Not answerable" (the dataset gives only a misleading
   ``adversarial_answer``), so the score is 1.0 when the prediction expresses unavailability
   (``expresses_unavailability``: a fixed list of phrases, ``UNAVAILABILITY_PHRASES``) and 0.0
-  otherwise, whatever the gold text. BLEU-1 has no category rule in LoCoMo; for category 5 it is
-  the same 0/1 abstention score, so that BLEU-1 never rewards repeating a misleading answer.
+  otherwise, whatever the gold text. Two items of conv-26 also carry the dataset's own answer "No"
+  (a record's ``also_correct``): the conversation shows the premise is false, so a prediction that
+  answers "No" (its first word) scores 1.0 as well. BLEU-1 has no category rule in LoCoMo; for
+  category 5 it is the same 0/1 score, so that BLEU-1 never rewards repeating a misleading answer.
+* Category 5, LoCoMo's own rule (``locomo_script_f1``, reported beside ours under
+  ``lexical.locomo_script``): 1 only when the lowercased prediction contains "no information
+  available" or "not mentioned"; the dataset's "No" is not accepted. Categories 1-4 are scored
+  the same way under both labels.
 * Lexical figures are percentages (0-100, 2 decimals) like the accuracies, computed over the
   questions that have a prediction (a question whose answer call failed has none and is counted
   in ``n_missing``).
@@ -45,6 +53,15 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 LEXICAL_PROTOCOL = "LoCoMo lexical F1 / BLEU-1 (normalised, Porter-stemmed)"
+CATEGORY_5_RULE = (
+    "ours: 1 when the answer expresses unavailability (any of 31 phrases, metrics.UNAVAILABILITY_PHRASES) or, for the "
+    "two conv-26 items whose dataset answer is 'No', answers 'No'; else 0"
+)
+LOCOMO_SCRIPT_PROTOCOL = (
+    "LoCoMo's own QA scoring script (snap-research/locomo task_eval/evaluation.py): F1 as ours for categories 1-4; "
+    "category 5 scores 1 only when the answer contains 'no information available' or 'not mentioned'"
+)
+LOCOMO_SCRIPT_PHRASES: tuple[str, ...] = ("no information available", "not mentioned")
 
 from eval.datasets import LOCOMO_CATEGORY_NAMES  # noqa: E402 - one table of category names
 ADVERSARIAL_CATEGORY = 5
@@ -130,8 +147,8 @@ def _tokens(s: Any) -> list[str]:
 
 
 def _f1_tokens(pred: Sequence[str], gold: Sequence[str]) -> float:
-    if not pred or not gold:
-        return 1.0 if not pred and not gold else 0.0
+    if not pred or not gold:  # LoCoMo's script: no shared token, F1 0, even when both are empty
+        return 0.0
     overlap = sum((Counter(pred) & Counter(gold)).values())
     if overlap == 0:
         return 0.0
@@ -145,22 +162,10 @@ def token_f1(prediction: Any, gold: Any) -> float:
     return _f1_tokens(_tokens(prediction), _tokens(gold))
 
 
-def _comma_parts(s: Any) -> list[str]:
-    parts = [p.strip() for p in _as_text(s).split(",")]
-    return [p for p in parts if normalize_answer(p)]
-
-
 def multi_hop_f1(prediction: Any, gold: Any) -> float:
     """LoCoMo category 1: mean over comma-separated gold parts of the best F1 against any prediction part."""
-    gold_parts = _comma_parts(gold)
-    pred_parts = _comma_parts(prediction)
-    if not gold_parts or not pred_parts:
-        return token_f1(prediction, gold)
-    pred_tokens = [p.split() for p in map(normalize_answer, pred_parts)]
-    scores = [
-        max(_f1_tokens(pt, g.split()) for pt in pred_tokens)
-        for g in map(normalize_answer, gold_parts)
-    ]
+    pred_tokens = [_tokens(p.strip()) for p in _as_text(prediction).split(",")]
+    scores = [max(_f1_tokens(pt, _tokens(g.strip())) for pt in pred_tokens) for g in _as_text(gold).split(",")]
     return sum(scores) / len(scores)
 
 
@@ -176,21 +181,48 @@ def _category_gold(gold: Any, category: int | None) -> Any:
     return gold
 
 
-def locomo_f1(prediction: Any, gold: Any, category: int | None) -> float:
-    """LoCoMo F1 with the per-category rules (1: comma split, 3: gold before ';', 5: abstention)."""
+def gives_polar_answer(prediction: Any, expected: Any) -> bool:
+    """True when ``expected`` is yes/no and the prediction's first word is that word ("No, Melanie made it")."""
+    want = normalize_answer(expected)
+    words = normalize_answer(prediction).split()
+    return want in ("ye", "no") and bool(words) and words[0] == want  # Porter stems "yes" to "ye"
+
+
+def adversarial_score(prediction: Any, also_correct: Any = None) -> float:
+    """Our category-5 score: abstention, or the dataset's own yes/no answer where an item has one."""
+    if expresses_unavailability(prediction):
+        return 1.0
+    return 1.0 if also_correct is not None and gives_polar_answer(prediction, also_correct) else 0.0
+
+
+def locomo_script_adversarial(prediction: Any) -> float:
+    """LoCoMo's own category-5 rule: 1 only for "no information available" or "not mentioned" in the answer."""
+    text = _as_text(prediction).lower()
+    return 1.0 if any(phrase in text for phrase in LOCOMO_SCRIPT_PHRASES) else 0.0
+
+
+def locomo_f1(prediction: Any, gold: Any, category: int | None, also_correct: Any = None) -> float:
+    """LoCoMo F1 with the per-category rules (1: comma split, 3: gold before ';', 5: our abstention rule)."""
     if category == ADVERSARIAL_CATEGORY:
-        return 1.0 if expresses_unavailability(prediction) else 0.0
+        return adversarial_score(prediction, also_correct)
     if category == 1:
         return multi_hop_f1(prediction, gold)
     return token_f1(prediction, _category_gold(gold, category))
+
+
+def locomo_script_f1(prediction: Any, gold: Any, category: int | None) -> float:
+    """F1 as LoCoMo's own script computes it: ``locomo_f1`` with its two-phrase category-5 rule."""
+    if category == ADVERSARIAL_CATEGORY:
+        return locomo_script_adversarial(prediction)
+    return locomo_f1(prediction, gold, category)
 
 
 def bleu1(prediction: Any, gold: Any) -> float:
     """Sentence BLEU-1 on normalised tokens: clipped unigram precision times the brevity penalty."""
     pred = _tokens(prediction)
     ref = _tokens(gold)
-    if not pred or not ref:
-        return 1.0 if not pred and not ref else 0.0
+    if not pred or not ref:  # as nltk's sentence_bleu: nothing to match, 0
+        return 0.0
     clipped = sum((Counter(pred) & Counter(ref)).values())
     precision = clipped / len(pred)
     c, r = len(pred), len(ref)
@@ -198,10 +230,10 @@ def bleu1(prediction: Any, gold: Any) -> float:
     return brevity * precision
 
 
-def locomo_bleu1(prediction: Any, gold: Any, category: int | None) -> float:
-    """BLEU-1 with the same category 3 gold rule and category 5 abstention score as ``locomo_f1``."""
+def locomo_bleu1(prediction: Any, gold: Any, category: int | None, also_correct: Any = None) -> float:
+    """BLEU-1 with the same category 3 gold rule and category 5 score as ``locomo_f1``."""
     if category == ADVERSARIAL_CATEGORY:
-        return 1.0 if expresses_unavailability(prediction) else 0.0
+        return adversarial_score(prediction, also_correct)
     return bleu1(prediction, _category_gold(gold, category))
 
 
@@ -280,19 +312,24 @@ def _category_groups(records: Sequence[Mapping[str, Any]]) -> dict[str, list[Map
     return groups
 
 
-def _lexical_scores(rec: Mapping[str, Any]) -> tuple[float, float]:
+def _lexical_scores(rec: Mapping[str, Any]) -> tuple[float, float, float]:
+    """(our F1, our BLEU-1, F1 under LoCoMo's own script rules) of one answered record."""
     cat = _category_id(rec)
-    pred, gold = rec.get("prediction"), rec.get("gold")
-    return locomo_f1(pred, gold, cat), locomo_bleu1(pred, gold, cat)
+    pred, gold, also = rec.get("prediction"), rec.get("gold"), rec.get("also_correct")
+    return locomo_f1(pred, gold, cat, also), locomo_bleu1(pred, gold, cat, also), locomo_script_f1(pred, gold, cat)
 
 
-def _lexical_group(scored: Sequence[tuple[Mapping[str, Any], float, float]]) -> dict[str, Any]:
+def _lexical_group(scored: Sequence[tuple[Mapping[str, Any], float, float, float]]) -> dict[str, Any]:
     n = len(scored)
     return {
         "n": n,
-        "f1": _pct(sum(f for _, f, _ in scored), n),
-        "bleu1": _pct(sum(b for _, _, b in scored), n),
+        "f1": _pct(sum(s[1] for s in scored), n),
+        "bleu1": _pct(sum(s[2] for s in scored), n),
     }
+
+
+def _script_group(scored: Sequence[tuple[Mapping[str, Any], float, float, float]]) -> dict[str, Any]:
+    return {"n": len(scored), "f1": _pct(sum(s[3] for s in scored), len(scored))}
 
 
 def _lexical(records: Sequence[Mapping[str, Any]], locomo: bool) -> dict[str, Any]:
@@ -312,8 +349,15 @@ def _lexical(records: Sequence[Mapping[str, Any]], locomo: bool) -> dict[str, An
         out["without_adversarial"] = _lexical_group(non_adv)
         by_cat = _category_groups([s[0] for s in scored])
         index = {id(s[0]): s for s in scored}
-        out["by_category"] = {
-            key: _lexical_group([index[id(r)] for r in recs]) for key, recs in by_cat.items()
+        cat_scored = {key: [index[id(r)] for r in recs] for key, recs in by_cat.items()}
+        out["by_category"] = {key: _lexical_group(v) for key, v in cat_scored.items()}
+        out["category_5_rule"] = CATEGORY_5_RULE
+        out["locomo_script"] = {
+            "protocol": LOCOMO_SCRIPT_PROTOCOL,
+            "unit": "percent",
+            **_script_group(scored),
+            "without_adversarial": _script_group(non_adv),
+            "by_category": {key: _script_group(v) for key, v in cat_scored.items()},
         }
     by_type = _grouped(scored, lambda s: s[0].get("type"))
     out["by_type"] = {str(t): _lexical_group(v) for t, v in by_type.items()}
@@ -324,7 +368,8 @@ def summarize(records: Sequence[Mapping[str, Any]], *, dataset: str) -> dict[str
     """Accuracy with breakdowns by type, category (LoCoMo) and sample, plus the lexical metrics.
 
     Each record carries at least ``sample_id, question_id, type, category, category_name, label,
-    failed, failure_reason, prediction, gold``. Breakdown values are dicts
+    failed, failure_reason, prediction, gold``, and optionally ``also_correct`` (a second accepted
+    answer: the dataset's own answer of a LoCoMo category-5 item, see ``adversarial_score``). Breakdown values are dicts
     ``{n, n_judged, n_failed, correct, accuracy, accuracy_all}`` with accuracies in percent.
     """
     records = list(records)
@@ -522,6 +567,9 @@ def render_report(summary: Mapping[str, Any], *, title: str, chart_name: str | N
             lex_line += (
                 f"; without adversarial F1 {_fmt_pct(wo.get('f1'))}, BLEU-1 {_fmt_pct(wo.get('bleu1'))}"
             )
+        script = lex.get("locomo_script")
+        if script:
+            lex_line += f"; F1 by LoCoMo's own script rules (category 5: two phrases) {_fmt_pct(script.get('f1'))}"
         lines.append(lex_line)
     lines.append("")
 

@@ -423,11 +423,15 @@ async def answer_question(sample: Sample, q: Question, ms: MemorySystem | None, 
         if rec.get("error"):
             return
         prev_j = judgments.records.get(q.id)
-        if prev_j and prev_j.get("label") and prev_j.get("answer") == rec["answer"]:
-            return
+        if prev_j and prev_j.get("label") and prev_j.get("answer") == rec["answer"] and \
+                prev_j.get("protocol") == rc.args.judge_protocol and \
+                prev_j.get("judge") in (None, f"{judge.provider}/{judge.model}"):
+            return  # a verdict of this answer by this judge and protocol exists; another judge asks again
         v = await judge_answer(judge, rc.args.judge_protocol, question=q.text, gold=q.answer, answer=rec["answer"],
-                               question_type=q.type, abstention=bool(q.extra.get("abstention")))
+                               question_type=q.type, abstention=bool(q.extra.get("abstention")),
+                               also_correct=q.extra.get("original_answer"))
         await judgments.put({"sample_id": sample.id, "question_id": q.id, "label": v.label, "judge_model": v.model,
+                             "judge": f"{judge.provider}/{judge.model}",
                              "protocol": v.protocol, "answer": rec["answer"],
                              "error": f"judge: {v.error}" if v.error else None})
 
@@ -460,7 +464,8 @@ def _merge_records(samples: Sequence[Sample], answers: Journal, judgments: Journ
             a = answers.records.get(q.id) or {}
             j = judgments.records.get(q.id) or {}
             error = a.get("error") or j.get("error") or (None if j.get("label") else "not judged")
-            out.append({**_answer_record(s, q), "prediction": a.get("answer"), "label": j.get("label"),
+            out.append({**_answer_record(s, q), "also_correct": q.extra.get("original_answer"),
+                        "prediction": a.get("answer"), "label": j.get("label"),
                         "failed": bool(error), "failure_reason": error,
                         "retrieved": len(a.get("retrieved_ids") or [])})
     return out

@@ -4,12 +4,16 @@ import pytest
 
 from eval import metrics
 from eval.metrics import (
+    CATEGORY_5_RULE,
     LEXICAL_PROTOCOL,
+    LOCOMO_SCRIPT_PROTOCOL,
+    adversarial_score,
     bleu1,
     category_key,
     expresses_unavailability,
     locomo_bleu1,
     locomo_f1,
+    locomo_script_f1,
     multi_hop_f1,
     normalize_answer,
     summarize,
@@ -64,8 +68,9 @@ def test_token_f1_is_multiset():
 
 
 def test_token_f1_empty_cases():
-    assert token_f1("", "") == 1.0
-    assert token_f1("the", "an") == 1.0  # both empty after normalisation
+    # LoCoMo's script gives F1 0 without a shared token, so empty against empty is 0 too (issue 10, item 4).
+    assert token_f1("", "") == 0.0
+    assert token_f1("the", "an") == 0.0  # both empty after normalisation
     assert token_f1("", "Paris") == 0.0
     assert token_f1("Paris", "") == 0.0
     assert token_f1("London", "Paris") == 0.0
@@ -130,7 +135,7 @@ def test_bleu1_equal_length_has_no_penalty():
 
 
 def test_bleu1_empty_cases():
-    assert bleu1("", "") == 1.0
+    assert bleu1("", "") == 0.0
     assert bleu1("", "Paris") == 0.0
     assert bleu1("Paris", "") == 0.0
 
@@ -139,6 +144,73 @@ def test_locomo_bleu1_category_rules():
     assert locomo_bleu1("Not answerable", "Not answerable", 5) == 1.0
     assert locomo_bleu1("Sweden", "Not answerable", 5) == 0.0
     assert locomo_bleu1("Likely no", "Likely no; since this one went badly", 3) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- hand-computed table
+
+E1 = math.exp(-1)
+
+# (prediction, gold, category, also_correct, our F1, our BLEU-1, F1 under LoCoMo's own script), each worked by hand on
+# normalised, Porter-stemmed tokens (commas, case, punctuation and a/an/the/and dropped).
+HAND_CASES = [
+    # [cat sat on mat] vs [cat on hat]: overlap 2, P 2/4, R 2/3, F1 4/7; BLEU c=4 > r=3, BP 1, 2/4
+    ("The cat sat on the mat", "a cat on a hat", 4, None, 4 / 7, 0.5, 4 / 7),
+    # multiset: overlap min(3,1)=1, P 1/3, R 1/2, F1 2/5; BLEU c=3 > r=2, clipped 1/3
+    ("dog dog dog", "dog cat", 4, None, 0.4, 1 / 3, 0.4),
+    # category 2, same date written with a comma: [7 may 2023] both sides
+    ("7 May 2023", "7 May, 2023", 2, None, 1.0, 1.0, 1.0),
+    # [on 8 may 2023] vs [7 may 2023]: overlap 2, P 2/4, R 2/3, F1 4/7; BLEU c=4 > r=3, 2/4
+    ("On 8 May 2023", "7 May 2023", 2, None, 4 / 7, 0.5, 4 / 7),
+    # category 1: gold parts pari / london; pred part pari: (1 + 0) / 2; BLEU [pari] vs [pari london]: 1 * e^(1-2/1)
+    ("Paris", "Paris, London", 1, None, 0.5, E1, 0.5),
+    # category 1 with a stray comma: gold parts london / pari / "" -> (1 + 1 + 0) / 3; BLEU c = r = 2, 2/2
+    ("Paris, London", "London, Paris,", 1, None, 2 / 3, 1.0, 2 / 3),
+    # category 3: only "Likely yes" is scored: [like ye] vs [ye like]
+    ("yes, likely", "Likely yes; she loves the beach", 3, None, 1.0, 1.0, 1.0),
+    # empty against empty: 0, as LoCoMo's script (and nltk's BLEU)
+    ("", "", 4, None, 0.0, 0.0, 0.0),
+    ("the", "Paris", 4, None, 0.0, 0.0, 0.0),
+    # category 5: ours accepts "Not answerable" (our answer prompt's phrase); LoCoMo's script only its two phrases
+    ("Not answerable", "Not answerable", 5, None, 1.0, 1.0, 0.0),
+    ("There is no information available about it.", "Not answerable", 5, None, 1.0, 1.0, 1.0),
+    ("That was not mentioned.", "Not answerable", 5, None, 1.0, 1.0, 1.0),
+    ("I don't know", "Not answerable", 5, None, 1.0, 1.0, 0.0),
+    ("Sweden", "Not answerable", 5, None, 0.0, 0.0, 0.0),
+    # the two conv-26 items whose dataset answer is "No": a "No" answer counts under ours, not under the script
+    ("No, Melanie made it.", "Not answerable", 5, "No", 1.0, 1.0, 0.0),
+    ("No", "Not answerable", 5, "No", 1.0, 1.0, 0.0),
+    ("Yes", "Not answerable", 5, "No", 0.0, 0.0, 0.0),
+    ("Nobody knows", "Not answerable", 5, "No", 0.0, 0.0, 0.0),
+    ("Not mentioned anywhere", "Not answerable", 5, "No", 1.0, 1.0, 1.0),
+    # without the dataset's own answer a bare "No" is a specific (wrong) answer
+    ("No", "Not answerable", 5, None, 0.0, 0.0, 0.0),
+]
+
+
+@pytest.mark.parametrize("pred,gold,cat,also,f1,b1,script", HAND_CASES)
+def test_lexical_metrics_match_hand_computed_values(pred, gold, cat, also, f1, b1, script):
+    assert locomo_f1(pred, gold, cat, also) == pytest.approx(f1)
+    assert locomo_bleu1(pred, gold, cat, also) == pytest.approx(b1)
+    assert locomo_script_f1(pred, gold, cat) == pytest.approx(script)
+
+
+@pytest.mark.parametrize("pred,gold", [("", ""), ("", "Paris"), ("Paris", ""), ("cat sat", "the cat sat on the mat"),
+                                       ("dog dog dog dog", "dog cat"), ("red car", "red bike")])
+def test_bleu1_equals_nltk_sentence_bleu_on_normalised_tokens(pred, gold):
+    import warnings
+
+    from nltk.translate.bleu_score import sentence_bleu
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nltk warns when there is no overlap
+        expected = sentence_bleu([normalize_answer(gold).split()], normalize_answer(pred).split(), weights=(1, 0, 0, 0))
+    assert bleu1(pred, gold) == pytest.approx(expected)
+
+
+def test_adversarial_score_needs_a_polar_dataset_answer():
+    assert adversarial_score("No, it was Melanie", "No") == 1.0
+    assert adversarial_score("No, it was Melanie", "Melanie") == 0.0  # only a yes/no answer is matched by its word
+    assert adversarial_score("No, it was Melanie") == 0.0
 
 
 # ----------------------------------------------------------------------------- summarize
@@ -226,6 +298,36 @@ def test_summarize_lexical(locomo_records):
     assert lex["by_category"]["4 single-hop"]["f1"] == 66.67
     assert lex["without_adversarial"]["n"] == 5
     assert lex["without_adversarial"]["f1"] == 80.0
+
+
+def test_summarize_lexical_reports_locomo_script_rule_labelled(locomo_records):
+    lex = summarize(locomo_records, dataset="locomo")["lexical"]
+    assert lex["category_5_rule"] == CATEGORY_5_RULE and "31 phrases" in CATEGORY_5_RULE
+    script = lex["locomo_script"]
+    assert script["protocol"] == LOCOMO_SCRIPT_PROTOCOL
+    assert "no information available" in script["protocol"] and "not mentioned" in script["protocol"]
+    # q4 "Not answerable" scores 1 under ours, 0 under the script: 1, 0, 1, 0, 1, 0, 1 -> 4/7
+    assert (script["n"], script["f1"]) == (7, 57.14)
+    assert script["by_category"]["5 adversarial"] == {"n": 2, "f1": 0.0}
+    assert script["without_adversarial"] == {"n": 5, "f1": lex["without_adversarial"]["f1"]}
+    assert lex["f1"] == 71.43  # our figure is unchanged beside it
+
+
+def test_summarize_grades_dataset_no_answer_of_adversarial_items():
+    records = [
+        {**_rec("conv-26", "q1", 5, "CORRECT", "No, Melanie made it.", "Not answerable"), "also_correct": "No"},
+        {**_rec("conv-26", "q2", 5, "WRONG", "Yes, Oscar is hers.", "Not answerable"), "also_correct": "No"},
+        _rec("conv-26", "q3", 5, "CORRECT", "It is not mentioned.", "Not answerable"),
+        _rec("conv-26", "q4", 5, "WRONG", "No", "Not answerable"),
+    ]
+    lex = summarize(records, dataset="locomo")["lexical"]
+    assert lex["by_category"]["5 adversarial"] == {"n": 4, "f1": 50.0, "bleu1": 50.0}  # q1, q3
+    assert lex["locomo_script"]["by_category"]["5 adversarial"] == {"n": 4, "f1": 25.0}  # q3 only
+
+
+def test_report_shows_locomo_script_f1(locomo_records):
+    report = metrics.render_report(summarize(locomo_records, dataset="locomo"), title="t", chart_name=None)
+    assert "F1 by LoCoMo's own script rules (category 5: two phrases) 57.14%" in report
 
 
 def test_summarize_non_locomo_has_no_category_breakdown():

@@ -289,13 +289,118 @@ def test_lexical_verdict_stopword_only_gold_uses_substring():
     assert lexical_verdict("No", "yes") == "WRONG"
 
 
-def test_offline_judges_return_label_json():
+def test_offline_judges_reply_in_the_form_their_prompt_asks_for():
     p = prompts.judge_paper_prompt("q", "Pepper the beagle", "beagle Pepper")
     assert json.loads(OFFLINE_HANDLERS[p.task](p.inputs)) == {"label": "CORRECT"}
     p = prompts.judge_longmemeval_prompt("q", "gold", "I don't know", "single-session-user", True)
-    assert json.loads(OFFLINE_HANDLERS[p.task](p.inputs)) == {"label": "CORRECT"}
+    assert OFFLINE_HANDLERS[p.task](p.inputs) == "yes"
     p = prompts.judge_longmemeval_prompt("q", "gold", "I don't know", "single-session-user", False)
+    assert OFFLINE_HANDLERS[p.task](p.inputs) == "no"
+    p = prompts.judge_longmemeval_prompt("q", "gold", "I don't know", "single-session-user", True, reply="json")
+    assert json.loads(OFFLINE_HANDLERS[p.task](p.inputs)) == {"label": "CORRECT"}
+
+
+def test_offline_paper_judge_accepts_the_datasets_own_answer_of_adversarial_items():
+    p = prompts.judge_paper_prompt("Is Oscar Melanie's pet?", "Not answerable", "No, Oscar is Caroline's.",
+                                   also_correct="No")
+    assert json.loads(OFFLINE_HANDLERS[p.task](p.inputs)) == {"label": "CORRECT"}
+    p = prompts.judge_paper_prompt("Is Oscar Melanie's pet?", "Not answerable", "No, Oscar is Caroline's.")
     assert json.loads(OFFLINE_HANDLERS[p.task](p.inputs)) == {"label": "WRONG"}
+
+
+@pytest.mark.parametrize("answer,label", [
+    ("No, Melanie made it.", "CORRECT"),
+    ("no", "CORRECT"),
+    ("Not answerable", "CORRECT"),
+    ("Yes, she made it in her class", "WRONG"),
+    ("Nobody knows", "WRONG"),  # the first word must be the answer itself
+    ("She did not; it was Melanie", "WRONG"),  # a lexical judge does not read a denial that is not "No"
+])
+def test_lexical_verdict_also_correct_polar_answer(answer, label):
+    assert lexical_verdict(answer, "Not answerable", also_correct="No") == label
+
+
+# ----------------------------------------------------------------------------- dates at the gold's precision
+
+# (gold, answer, label): a date answer matches only at the gold's own precision (day, month or year)
+DATE_CASES = [
+    ("June 2023", "2023-07-20", "WRONG"),  # month gold: another month is wrong even in the same year
+    ("June 2023", "2023-06-14", "CORRECT"),  # a finer date inside the gold's month
+    ("June 2023", "June 2023", "CORRECT"),
+    ("June 2023", "in June, 2023", "CORRECT"),
+    ("June 2023", "2023", "WRONG"),  # coarser than the gold
+    ("June 2023", "June 2022", "WRONG"),
+    ("May, 2023", "2023-05-27", "CORRECT"),
+    ("7 May 2023", "May 2023", "WRONG"),  # day gold: a month answer is too coarse
+    ("7 May 2023", "2023-05-08", "WRONG"),  # the next day
+    ("7 May 2023", "2023-05-07", "CORRECT"),
+    ("7 May 2023", "On May 7th, 2023", "CORRECT"),
+    ("7 May 2023", "the 7th of May 2023", "CORRECT"),
+    ("7 May 2023", "7 May", "WRONG"),  # the year is missing
+    ("7 May 2023", "2023-05-07 14:30", "CORRECT"),
+    ("2022", "2022-03-01", "CORRECT"),  # year gold: any date of that year
+    ("2022", "March 2022", "CORRECT"),
+    ("2022", "2021-12-31", "WRONG"),
+    ("2022", "22", "WRONG"),
+    ("13 August", "2023-08-13", "CORRECT"),  # a gold without a year compares month and day
+    ("13 August", "2023-08-14", "WRONG"),
+    ("Since 2016", "2016", "CORRECT"),  # "since" carries no content of its own
+    ("Since 2016", "since 2017", "WRONG"),
+    # relative golds stand for the days they denote, not their anchor
+    ("The week before 9 June 2023", "2023-06-09", "WRONG"),  # the anchor day
+    ("The week before 9 June 2023", "2023-06-05", "CORRECT"),  # 2-8 June
+    ("The week before 9 June 2023", "2023-06-01", "WRONG"),
+    ("The week before 9 June 2023", "the week before June 9, 2023", "CORRECT"),
+    ("The week before 9 June 2023", "June 2023", "WRONG"),  # coarser than a week
+    ("The sunday before 25 May 2023", "2023-05-21", "CORRECT"),  # 25 May 2023 is a Thursday
+    ("The sunday before 25 May 2023", "2023-05-25", "WRONG"),
+    ("The weekend before 17 July 2023", "2023-07-16", "CORRECT"),  # 17 July 2023 is a Monday: 15-16 July
+    ("The weekend before 17 July 2023", "2023-07-09", "WRONG"),
+    ("two weekends before 17 July 2023", "2023-07-08", "CORRECT"),  # 8-9 July
+    ("two weekends before 17 July 2023", "2023-07-15", "WRONG"),
+    ("The week of 23 August 2023", "2023-08-21", "CORRECT"),  # Monday 21 - Sunday 27 August
+    ("The week of 23 August 2023", "2023-08-28", "WRONG"),
+    ("The Friday before 15 July 2023", "2023-07-14", "CORRECT"),  # 15 July 2023 is a Saturday
+    ("The Friday before 15 July 2023", "2023-07-07", "WRONG"),
+    ("3 days after 10 May 2023", "2023-05-13", "CORRECT"),
+    ("The month before 9 June 2023", "May 2023", "CORRECT"),
+    # a gold with more than a date needs its other words too
+    ("Paris in June 2023", "June 2023", "WRONG"),
+    ("Paris in June 2023", "Paris, 2023-06-10", "CORRECT"),
+    # no date in the gold: the token rule as before
+    ("10 years ago", "ten years", "WRONG"),
+    ("10 years ago", "10 years ago", "CORRECT"),
+]
+
+
+@pytest.mark.parametrize("gold,answer,label", DATE_CASES)
+def test_lexical_verdict_dates_match_at_the_golds_precision(gold, answer, label):
+    assert lexical_verdict(answer, gold) == label
+
+
+def test_date_expressions_give_spans_and_cut_them_out():
+    spans, rest = ob.date_expressions("Went to Rome on 7 May 2023 and again in June 2024")
+    assert [(s.lo.isoformat(), s.hi.isoformat()) for s in spans] == [("2023-05-07", "2023-05-07"),
+                                                                   ("2024-06-01", "2024-06-30")]
+    assert "2023" not in rest and "rome" in rest
+    assert ob.date_expressions("no date here, may be later")[0] == []
+    assert ob.date_expressions("31 February 2023")[0] == []  # not a date
+
+
+def test_date_expressions_out_of_calendar_range_are_unresolved():
+    assert ob.date_expressions("the week before 1 January 0001")[0] == [None]
+    assert ob.date_expressions("2 days after 31 December 9999")[0] == [None]
+    # an unresolved gold date falls back to the token rule
+    assert lexical_verdict("the week before 1 January 0001", "the week before 1 January 0001") == "CORRECT"
+
+
+def test_date_expression_scan_is_bounded():
+    import time
+
+    text = "7 " * 200_000 + "May 2023"
+    t0 = time.perf_counter()
+    spans, _ = ob.date_expressions(text)
+    assert time.perf_counter() - t0 < 2.0 and spans == []  # beyond the scan cap
 
 
 def test_content_tokens_drop_stopwords_and_stem():

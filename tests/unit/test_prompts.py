@@ -39,7 +39,7 @@ def _all_builders():
         ("core.compress", core_compress_prompt("a long core block", 3000)),
         ("answer", answer_prompt("Who is Pepper?", "core", [("semantic", "Alex - Dog: Pepper")], "2023-05-08")),
         ("judge.paper", judge_paper_prompt("q", "gold", "ans")),
-        ("judge.longmemeval", judge_longmemeval_prompt("q", "gold", "ans", "temporal-reasoning", False)),
+        ("judge.longmemeval", judge_longmemeval_prompt("q", "gold", "ans", "temporal-reasoning", False, reply="json")),
         ("qa.generate", qa_generation_prompt("core", [("episodic", "e")], SESSION, TIME)),
     ]
 
@@ -221,17 +221,80 @@ def test_judge_paper_prompt_inputs_and_text():
     assert '{"label": "CORRECT"}' in _system(p)
 
 
-def test_judge_longmemeval_prompt_per_type_rules():
-    temporal = judge_longmemeval_prompt("q", "19 days", "18 days", "temporal-reasoning", False)
-    assert "off-by-one" in _system(temporal)
-    assert temporal.inputs == {"question": "q", "gold": "19 days", "answer": "18 days",
-                               "question_type": "temporal-reasoning", "abstention": False}
-    abst = judge_longmemeval_prompt("q", "n/a", "I don't know", "single-session-user", True)
-    assert "cannot be answered" in _system(abst) and abst.inputs["abstention"] is True
-    pref = judge_longmemeval_prompt("q", "rubric text", "r", "single-session-preference", False)
-    assert "Rubric: rubric text" in _user(pref)
-    update = judge_longmemeval_prompt("q", "g", "a", "knowledge-update", False)
-    assert "updated" in _system(update)
+def test_judge_paper_prompt_also_correct_only_when_given():
+    p = judge_paper_prompt("Is Oscar Melanie's pet?", "Not answerable", "No, he is Caroline's", also_correct="No")
+    assert p.inputs["also_correct"] == "No"
+    assert "Gold answer: Not answerable\nAlso correct: No" in _user(p)
+    assert p.messages[0] == judge_paper_prompt("q", "g", "a").messages[0]  # the system prompt is unchanged
+    assert "Also correct" not in _user(judge_paper_prompt("q", "g", "a"))
+
+
+def test_judge_paper_prompt_abstention_gold_is_an_explanation():
+    p = judge_paper_prompt("Where did I buy my tent?", "The user never mentioned a tent.", "I don't know",
+                           abstention=True)
+    assert "Gold answer: Not answerable (The user never mentioned a tent.)" in _user(p)
+    assert p.inputs["abstention"] is True and "abstention" not in judge_paper_prompt("q", "g", "a").inputs
+
+
+def _lme(question_type, abstention=False, reply="yes_no", gold="g"):
+    return judge_longmemeval_prompt("q", gold, "a", question_type, abstention, reply=reply)
+
+
+def test_judge_longmemeval_default_form_is_one_user_message_answered_yes_or_no():
+    p = _lme("multi-session")
+    assert [m["role"] for m in p.messages] == ["user"]
+    text = p.messages[0]["content"]
+    assert text.endswith("Reply with one word: yes or no.")
+    assert "Question: q\nGold answer: g\nResponse: a" in text
+    assert p.inputs == {"question": "q", "gold": "g", "answer": "a", "question_type": "multi-session",
+                        "abstention": False, "reply": "yes_no"}
+
+
+def test_judge_longmemeval_json_form_keeps_system_message_and_label_reply():
+    p = _lme("multi-session", reply="json")
+    assert [m["role"] for m in p.messages] == ["system", "user"]
+    assert '{"label": "CORRECT"}' in _system(p) and p.inputs["reply"] == "json"
+    with pytest.raises(ValueError, match="reply form"):
+        _lme("multi-session", reply="xml")
+
+
+# question type, abstention -> a phrase of the rule the judge must be given (LongMemEval's evaluate_qa.py rules)
+LME_RULE_CASES = [
+    ("single-session-user", False, "every intermediate step"),
+    ("single-session-user", False, "only part of the information"),
+    ("single-session-assistant", False, "every intermediate step"),
+    ("multi-session", False, "only part of the information"),
+    ("temporal-reasoning", False, "every intermediate step"),
+    ("temporal-reasoning", False, "only part of the information"),
+    ("temporal-reasoning", False, "off-by-one error in a count of days, weeks or months"),
+    ("knowledge-update", False, "even if it also mentions earlier information"),
+    ("single-session-preference", False, "need not cover every point of the rubric"),
+    ("multi-session", True, "says the information is incomplete"),
+    ("temporal-reasoning", True, "related information was given but not what was asked"),
+    ("knowledge-update", True, "is not an answer"),
+]
+
+
+@pytest.mark.parametrize("reply", ["yes_no", "json"])
+@pytest.mark.parametrize("question_type,abstention,phrase", LME_RULE_CASES)
+def test_judge_longmemeval_prompt_carries_the_rule_of_its_type(question_type, abstention, phrase, reply):
+    p = _lme(question_type, abstention, reply)
+    assert phrase in " ".join(m["content"] for m in p.messages)
+
+
+def test_judge_longmemeval_rules_do_not_leak_across_types():
+    assert "off-by-one" not in _lme("multi-session").messages[0]["content"]
+    assert "rubric" not in _lme("knowledge-update").messages[0]["content"]
+    assert "cannot be answered" not in _lme("temporal-reasoning").messages[0]["content"]
+    # a type LongMemEval does not define gets its default rule
+    assert prompts.longmemeval_rule("perltqa-fact", False) == prompts.longmemeval_rule("multi-session", False)
+
+
+def test_judge_longmemeval_gold_is_named_for_what_it_is():
+    assert "\nRubric: g\n" in _lme("single-session-preference").messages[0]["content"]
+    abst = _lme("single-session-preference", True).messages[0]["content"]
+    assert "\nExplanation (why it cannot be answered): g\n" in abst and "Rubric" not in abst
+    assert "\nGold answer: g\n" in _lme("knowledge-update").messages[0]["content"]
 
 
 def test_qa_generation_prompt_inputs():
