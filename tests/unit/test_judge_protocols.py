@@ -189,7 +189,7 @@ def test_protocol_rule_gives_expected_label(server, case):
     assert v.model == JUDGE_MODEL  # the judge model the server reports, recorded in every verdict
     bodies = _sent(server, case)
     if case.expected is None:
-        assert v.error and "invalid output after 2 attempts" in v.error
+        assert v.error and "invalid output after 2 attempt" in v.error
         assert len(bodies) == 2  # retried once, then recorded as not judged (never counted as an answer)
     else:
         assert v.error is None and len(bodies) == 1
