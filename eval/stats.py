@@ -23,12 +23,23 @@ CONFIDENCE = 0.95
 N_RESAMPLES = 2000
 SEED = 0
 
+# Below this many samples a bootstrap over samples has too few distinct resamples to mean anything.
+MIN_CLUSTERS = 5
+
 WILSON = "wilson"
 CLUSTER_BOOTSTRAP = "cluster_bootstrap"
 METHODS = {
-    WILSON: "Wilson score interval (questions taken as independent)",
+    WILSON: f"Wilson score interval, questions taken as independent (used when the group has one question per "
+            f"sample or fewer than {MIN_CLUSTERS} samples)",
     CLUSTER_BOOTSTRAP: f"percentile bootstrap over samples (questions clustered by sample), {N_RESAMPLES} resamples, "
-                       f"seed {SEED}",
+                       f"seed {SEED}, never narrower than the Wilson interval",
+}
+PAIRED_BOOTSTRAP = "paired_bootstrap"
+PAIRED_CLUSTER_BOOTSTRAP = "paired_cluster_bootstrap"
+PAIRED_METHODS = {
+    PAIRED_BOOTSTRAP: f"paired percentile bootstrap over questions, {N_RESAMPLES} resamples, seed {SEED}",
+    PAIRED_CLUSTER_BOOTSTRAP: f"paired percentile bootstrap over samples (questions clustered by sample), "
+                              f"{N_RESAMPLES} resamples, seed {SEED}, never narrower than the one over questions",
 }
 
 
@@ -142,20 +153,48 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     return min(1.0, 2 * tail / 2**n)
 
 
+def _clustered(clusters: Sequence[Hashable]) -> bool:
+    """True when outcomes come several to a cluster from enough clusters for a bootstrap over clusters."""
+    per_cluster: dict[Hashable, int] = {}
+    for c in clusters:
+        per_cluster[c] = per_cluster.get(c, 0) + 1
+    return len(per_cluster) >= MIN_CLUSTERS and max(per_cluster.values()) >= 2
+
+
+def _hull(a: tuple[float, float] | None, b: tuple[float, float] | None) -> tuple[float, float] | None:
+    if a is None or b is None:
+        return a or b
+    return min(a[0], b[0]), max(a[1], b[1])
+
+
 def accuracy_interval(outcomes: Sequence[int], clusters: Sequence[Hashable], *, confidence: float = CONFIDENCE,
                       n_resamples: int = N_RESAMPLES, seed: int = SEED) -> tuple[tuple[float, float] | None, str]:
     """The interval of one group's accuracy and the method used (a key of ``METHODS``).
 
-    The cluster bootstrap when the group spans several samples and some sample holds several of its questions
-    (their outcomes are correlated); otherwise the Wilson interval.
+    Questions of one sample share a memory, so their outcomes are correlated: when the group's questions come
+    several to a sample from at least ``MIN_CLUSTERS`` samples, a bootstrap over samples; otherwise the Wilson
+    interval. The bootstrap's interval is widened where needed to contain the Wilson one: with few clusters it
+    understates the spread (it sees only between-sample variation, estimated from a handful of samples), and
+    clustering does not make questions more informative than independent ones.
     """
-    per_cluster: dict[Hashable, int] = {}
-    for c in clusters:
-        per_cluster[c] = per_cluster.get(c, 0) + 1
-    if len(per_cluster) >= 2 and max(per_cluster.values()) >= 2:
-        return (cluster_bootstrap_interval(outcomes, clusters, confidence=confidence, n_resamples=n_resamples,
-                                           seed=seed), CLUSTER_BOOTSTRAP)
-    return wilson_interval(int(sum(outcomes)), len(outcomes), confidence), WILSON
+    wilson = wilson_interval(int(sum(outcomes)), len(outcomes), confidence)
+    if _clustered(clusters):
+        boot = cluster_bootstrap_interval(outcomes, clusters, confidence=confidence, n_resamples=n_resamples,
+                                          seed=seed)
+        return _hull(boot, wilson), CLUSTER_BOOTSTRAP
+    return wilson, WILSON
+
+
+def paired_difference_interval(a: Sequence[int], b: Sequence[int], clusters: Sequence[Hashable], *,
+                               confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES,
+                               seed: int = SEED) -> tuple[tuple[float, float] | None, str]:
+    """The interval of accuracy(a) - accuracy(b) and its method (a key of ``PAIRED_METHODS``), by the same rule
+    as ``accuracy_interval``: over samples when clustered, never narrower than the bootstrap over questions."""
+    flat = paired_bootstrap_difference(a, b, None, confidence=confidence, n_resamples=n_resamples, seed=seed)
+    if _clustered(clusters):
+        boot = paired_bootstrap_difference(a, b, clusters, confidence=confidence, n_resamples=n_resamples, seed=seed)
+        return _hull(boot, flat), PAIRED_CLUSTER_BOOTSTRAP
+    return flat, PAIRED_BOOTSTRAP
 
 
 def as_percent(interval: tuple[float, float] | None) -> list[float] | None:

@@ -6,7 +6,7 @@ import pytest
 from eval import stats
 from eval.metrics import render_report, summarize
 from eval.stats import (accuracy_interval, cluster_bootstrap_interval, mcnemar_exact, paired_bootstrap_difference,
-                        wilson_interval)
+                        paired_difference_interval, wilson_interval)
 
 Z95 = 1.959963984540054
 
@@ -150,9 +150,42 @@ def test_accuracy_interval_picks_the_method_from_the_clustering():
     assert method == stats.WILSON and ci == wilson_interval(2, 3)
     ci, method = accuracy_interval([1, 0, 1], ["a", "b", "c"])  # one question per sample (LongMemEval)
     assert method == stats.WILSON
+    # Two samples are too few to resample: Wilson.
     ci, method = accuracy_interval([1, 1, 0, 0], ["a", "a", "b", "b"])
-    assert method == stats.CLUSTER_BOOTSTRAP and ci == (0.0, 1.0)
+    assert method == stats.WILSON and ci == wilson_interval(2, 4)
     assert accuracy_interval([], []) == (None, stats.WILSON)
+
+
+def test_accuracy_interval_bootstraps_over_five_or_more_samples():
+    # Samples a, b, c all right, d, e all wrong (4 questions each). A resample's accuracy is the share of right
+    # samples among 5 drawn, Binomial(5, 0.6) / 5: P(0) = 1 %, P(<= 1) = 8.7 %, P(5) = 7.8 %, so the 2.5 % and
+    # 97.5 % points are 0.2 and 1.0, wider than Wilson's for 12 of 20 on both ends.
+    outcomes = [1] * 12 + [0] * 8
+    clusters = [c for c in "abcde" for _ in range(4)]
+    ci, method = accuracy_interval(outcomes, clusters)
+    assert method == stats.CLUSTER_BOOTSTRAP and ci == (0.2, 1.0)
+    wlo, whi = wilson_interval(12, 20)
+    assert ci[0] < wlo and ci[1] > whi
+
+
+def test_cluster_interval_is_never_narrower_than_wilson():
+    # Every sample 1 right of 2: each resample gives exactly 1/2, so the bootstrap alone is a point.
+    outcomes = [1, 0] * 5
+    clusters = [c for c in "abcde" for _ in range(2)]
+    assert cluster_bootstrap_interval(outcomes, clusters) == (0.5, 0.5)
+    assert accuracy_interval(outcomes, clusters) == (wilson_interval(5, 10), stats.CLUSTER_BOOTSTRAP)
+
+
+def test_paired_difference_interval_method_and_hull():
+    a, b = [1, 0] * 5, [0, 1] * 5  # within every sample A wins one and loses one
+    clusters = [c for c in "abcde" for _ in range(2)]
+    ci, method = paired_difference_interval(a, b, clusters)
+    assert method == stats.PAIRED_CLUSTER_BOOTSTRAP
+    assert paired_bootstrap_difference(a, b, clusters) == (0.0, 0.0)  # every cluster's difference is 0
+    assert ci == paired_bootstrap_difference(a, b, None)  # so the interval is the one over questions
+    assert ci[0] < 0 < ci[1]
+    ci, method = paired_difference_interval([1, 1], [0, 0], ["x", "y"])
+    assert method == stats.PAIRED_BOOTSTRAP and ci == (1.0, 1.0)
 
 
 def _rec(sample, qid, label, failed=False):
@@ -165,11 +198,13 @@ def test_summarize_gives_every_accuracy_an_interval_and_its_method():
     records = [_rec("s1", "q1", "CORRECT"), _rec("s1", "q2", "WRONG"), _rec("s1", "q3", "CORRECT"),
                _rec("s2", "q4", "CORRECT"), _rec("s2", "q5", None, failed=True), _rec("s2", "q6", "CORRECT"),
                {**_rec("s2", "q7", "WRONG"), "category": 5, "category_name": "adversarial"}]
+    records += [_rec(f"s{k}", f"q{k}{j}", "CORRECT" if j else "WRONG") for k in (3, 4, 5) for j in range(3)]
     s = summarize(records, dataset="locomo")
     assert s["intervals"]["confidence"] == 0.95 and set(s["intervals"]["methods"]) == set(stats.METHODS)
-    assert s["ci_method"] == stats.CLUSTER_BOOTSTRAP
+    assert s["ci_method"] == stats.CLUSTER_BOOTSTRAP  # 5 samples, several questions each
     lo, hi = s["accuracy_ci95"]
-    assert lo <= s["accuracy"] <= hi
+    wlo, whi = wilson_interval(s["n_correct"], s["n_judged"])
+    assert lo <= round(100 * wlo, 2) and round(100 * whi, 2) <= hi
     # Per sample the questions are one cluster: Wilson, by hand.
     wlo, whi = wilson_interval(2, 3)
     assert s["by_sample"]["s1"]["ci_method"] == stats.WILSON
@@ -193,6 +228,7 @@ def test_summarize_is_deterministic():
 def test_report_prints_the_intervals_with_their_method():
     records = [_rec("s1", "q1", "CORRECT"), _rec("s1", "q2", "WRONG"), _rec("s2", "q3", "CORRECT"),
                _rec("s2", "q4", "CORRECT")]
+    records += [_rec(f"s{k}", f"q{k}{j}", "CORRECT") for k in (3, 4, 5) for j in range(2)]
     s = summarize(records, dataset="locomo")
     text = render_report(s, title="t")
     lo, hi = s["accuracy_ci95"]
