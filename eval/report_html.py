@@ -402,13 +402,13 @@ def _chart_rows(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]
     return rows
 
 
-def _bar(value: Any, ci: Any, cls: str) -> str:
+def _bar(value: Any, ci: Any, cls: str, track: str = "track") -> str:
     width = max(0.0, min(100.0, float(value))) if value is not None else 0.0
     whisker = ""
     if isinstance(ci, (list, tuple)) and len(ci) == 2:
         lo, hi = max(0.0, float(ci[0])), min(100.0, float(ci[1]))
         whisker = f"<div class='whisker' style='left:{lo:.2f}%;width:{max(hi - lo, 0.3):.2f}%'></div>"
-    return f"<div class='track'><div class='bar {cls}' style='width:{width:.2f}%'></div>{whisker}</div>"
+    return f"<div class='{track}'><div class='bar {cls}' style='width:{width:.2f}%'></div>{whisker}</div>"
 
 
 def _chart(summary: Mapping[str, Any]) -> str:
@@ -510,7 +510,8 @@ padding:0 5px;border-radius:3px;background:#e6ebf2;margin-right:4px}.t-episodic{
 .tl-row{display:grid;grid-template-columns:40px 170px 1fr 180px;gap:8px;align-items:center;cursor:pointer;
 padding:1px 0}.tl-row:hover{background:#f3f6fb}.tl-row.sel{background:#e8effa}.stack{display:flex;height:14px}
 .stack span{height:100%}.s-episodic{background:#7aa6e0}.s-semantic{background:#78c28d}.s-procedural{background:#e2a868}
-.s-other{background:#b9b9c9}.legend span{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}
+.s-other{background:#b9b9c9}.legend .la{background:var(--a)}.legend .lb{background:var(--b)}
+.bar-row.pair .track{margin:1px 0}.legend span{display:inline-block;width:10px;height:10px;margin:0 3px 0 10px}
 .fail-mark{color:var(--bad);font-weight:700}ul.tree{margin:2px 0;padding-left:18px}
 .kv{font-variant-numeric:tabular-nums}.top{display:grid;grid-template-columns:minmax(380px,1fr) minmax(380px,1fr);
 gap:0 12px}.top>section{margin:6px 0}.work{display:grid;grid-template-columns:minmax(0,3fr) minmax(360px,2fr);gap:12px;
