@@ -168,6 +168,11 @@ def _order(key: str) -> tuple:
 
 # --------------------------------------------------------------------------- output
 
+_SHORT = {stats.WILSON: "Wilson", stats.CLUSTER_BOOTSTRAP: "bootstrap over samples",
+          stats.PAIRED_BOOTSTRAP: "paired bootstrap over questions",
+          stats.PAIRED_CLUSTER_BOOTSTRAP: "paired bootstrap over samples"}
+
+
 def _fmt_p(p: Any) -> str:
     if p is None:
         return "n/a"
@@ -207,8 +212,8 @@ def render_text(result: Mapping[str, Any], *, max_flipped: int = 20) -> str:
     fmt = lambda r: "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines += ["", fmt(header), *(fmt(r) for r in rows)]
     o = result["overall"]
-    lines += ["", f"only B / only A: questions only that run got right. Intervals: {o['difference_method']} "
-                  f"(accuracies: {o['ci_method']}); McNemar: exact two-sided."]
+    lines += ["", f"only B / only A: questions only that run got right. B-A interval: {_SHORT[o['difference_method']]}; "
+                  f"accuracies: {_SHORT[o['ci_method']]}; McNemar: exact, two-sided."]
     flipped = result["flipped"]
     lines.append(f"flipped: {len(flipped)} ({o['b_right_a_wrong']} gained, {o['a_right_b_wrong']} lost)")
     for f in flipped[:max_flipped]:

@@ -507,7 +507,7 @@ border-left:3px solid var(--line);background:#fcfcfd}.etype{font-size:11px;font-
 padding:0 5px;border-radius:3px;background:#e6ebf2;margin-right:4px}.t-episodic{background:#dbe8fb}
 .t-semantic{background:#dff3e4}.t-procedural{background:#f7e6d3}.meta{color:var(--muted);font-size:12px}
 .sup{margin:4px 0 0 14px;border-left:2px dashed #c5ccd6;padding-left:8px}a{color:#2457a6}
-.tl-row{display:grid;grid-template-columns:40px 170px 1fr 180px;gap:8px;align-items:center;cursor:pointer;
+.tl-row{display:grid;grid-template-columns:40px 170px 1fr 260px;gap:8px;align-items:center;cursor:pointer;
 padding:1px 0}.tl-row:hover{background:#f3f6fb}.tl-row.sel{background:#e8effa}.stack{display:flex;height:14px}
 .stack span{height:100%}.s-episodic{background:#7aa6e0}.s-semantic{background:#78c28d}.s-procedural{background:#e2a868}
 .s-other{background:#b9b9c9}.legend .la{background:var(--a)}.legend .lb{background:var(--b)}
@@ -716,14 +716,15 @@ function renderMemory() {
     return;
   }
   const kept = Object.keys(mem.entries).length;
-  box.append(el("p", {class: "meta"}, `${mem.n_entries} entries over ${mem.sessions.length} sessions` +
+  const sessions = mem.sessions.map(([id, counts, failures]) => ({id, counts, failures: failures || {}}));
+  box.append(el("p", {class: "meta"}, `${mem.n_entries} entries over ${sessions.length} sessions` +
     (mem.builder ? ` · built by ${mem.builder}` : "") + (mem.complete === false ? " · incomplete" : "") +
     (mem.full ? " · all entries in this file" : ` · ${kept} entries in this file (retrieved ones and what they supersede)`)),
     mem.stopped ? el("p", {class: "failure"}, "build stopped: " + mem.stopped) : "",
     el("p", {class: "legend meta"}, "entries added per session:", TYPES.map((t) => [el("span", {class: "s-" + t}), t]), el("span", {class: "s-other"}), "other"));
-  const max = Math.max(1, ...mem.sessions.map((s) => Object.values(s.counts).reduce((a, b) => a + b, 0)));
+  const max = Math.max(1, ...sessions.map((s) => Object.values(s.counts).reduce((a, b) => a + b, 0)));
   const tl = el("div", {id: "timeline"});
-  mem.sessions.forEach((s, k) => {
+  sessions.forEach((s, k) => {
     const total = Object.values(s.counts).reduce((a, b) => a + b, 0);
     const stack = el("div", {class: "stack"});
     for (const t of [...TYPES, "other"]) {
@@ -734,11 +735,11 @@ function renderMemory() {
     tl.append(el("div", {class: "tl-row" + (s.id === state.session ? " sel" : ""), "data-session": s.id,
                          onclick: () => go({mrun: String(ri), msample: sample, session: s.id})},
       el("span", {class: "meta"}, k + 1), el("span", {}, s.id), stack,
-      el("span", {class: "meta"}, TYPES.map((t) => s.counts[t] ? `${t[0]}${s.counts[t]} ` : "").join("") + `= ${total}`,
+      el("span", {class: "meta"}, Object.entries(s.counts).map(([t, n]) => `${n} ${t}`).join(" · ") + ` = ${total}`,
          nf ? el("span", {class: "fail-mark", title: Object.entries(s.failures).map(([a, r]) => a + ": " + r).join("\n")}, ` ✗ ${nf} failed`) : "")));
   });
   box.append(tl);
-  const sess = mem.sessions.find((s) => s.id === state.session);
+  const sess = sessions.find((s) => s.id === state.session);
   const detail = el("div", {id: "session-entries"});
   if (sess) {
     const ids = Object.keys(mem.entries).filter((id) => mem.entries[id][2] === sess.id);
@@ -774,8 +775,16 @@ def _json_for_script(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).replace("<", "\\u003c")
 
 
+def _compact_memory(mem: Mapping[str, Any]) -> dict:
+    # Sessions as [id, counts, failures?]: 400 samples of 50 sessions each would otherwise repeat the keys 60,000 times.
+    sessions = [[x["id"], x["counts"], x["failures"]] if x["failures"] else [x["id"], x["counts"]]
+                for x in mem.get("sessions") or []]
+    return {**mem, "sessions": sessions}
+
+
 def _page_data(kind: str, runs: Sequence[Mapping[str, Any]]) -> dict:
-    return {"kind": kind, "runs": [{"name": r["name"], "questions": r["questions"], "memory": r["memory"]}
+    return {"kind": kind, "runs": [{"name": r["name"], "questions": r["questions"],
+                                    "memory": {sid: _compact_memory(m) for sid, m in r["memory"].items()}}
                                    for r in runs]}
 
 
