@@ -65,8 +65,12 @@ def check_comparable(a: Mapping[str, Any], b: Mapping[str, Any]) -> None:
     da, db = a["summary"].get("dataset"), b["summary"].get("dataset")
     if da != db:
         raise CompareError(f"the runs are on different datasets ({da} vs {db}): not comparable")
+    for tag, run in (("A", a), ("B", b)):
+        if len(_protocols(run)) > 1:
+            raise CompareError(f"run {tag} mixes judge protocols ({', '.join(sorted(_protocols(run)))}): rejudge it "
+                               f"under one protocol first")
     pa, pb = _protocols(a), _protocols(b)
-    if pa != pb or len(pa) > 1:
+    if pa != pb:
         raise CompareError(f"the runs were judged under different protocols ({', '.join(sorted(pa)) or 'none'} vs "
                            f"{', '.join(sorted(pb)) or 'none'}): not comparable")
 
@@ -201,6 +205,10 @@ def render_text(result: Mapping[str, Any], *, max_flipped: int = 20) -> str:
              f"shared questions (judged in both): {c['shared']}; not shared: {c['not_shared']} "
              f"({c['judged_only_in_a']} judged only in A, {c['judged_only_in_b']} only in B, "
              f"{c['judged_in_neither']} in neither)"]
+    judges = [(r.get("models") or {}).get("judge") if isinstance(r.get("models"), Mapping) else None
+              for r in (result["run_a"], result["run_b"])]
+    if judges[0] != judges[1]:
+        lines.append(f"note: different judge models ({judges[0]} vs {judges[1]}): a difference may be the judge's")
     if result["run_a"].get("baseline") or result["run_b"].get("baseline"):
         lines.append("OFFLINE BASELINE in at least one run: not an LLM result")
     header = [result["groups_by"], "n", "A", "B", "B-A", "95% CI", "only B", "only A", "McNemar p"]

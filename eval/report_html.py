@@ -20,6 +20,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+from urllib.parse import quote
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -121,7 +122,8 @@ def merge_question(a: Mapping[str, Any], j: Mapping[str, Any]) -> dict:
     if not reason and label not in ("CORRECT", "WRONG"):
         reason = "not judged" if not j else f"judge gave no CORRECT/WRONG label ({label})"
     verdict = "FAILED" if reason else label
-    ids = [str(x) for x in (a.get("retrieved_ids") or [])]
+    ids = a.get("retrieved_ids")
+    ids = [str(x) for x in ids] if isinstance(ids, list) else []
     scores = a.get("retrieved_scores")
     scores = list(scores) if isinstance(scores, list) and len(scores) == len(ids) else [None] * len(ids)
     rec = {**j, **a}
@@ -289,6 +291,11 @@ def _e(value: Any) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def _h(value: Any) -> str:
+    """A value for a ``#key=value`` link: percent-encoded (ids may hold '&' or '#'), then HTML-escaped."""
+    return _e(quote("" if value is None else str(value), safe=""))
+
+
 def _fmt_pct(value: Any) -> str:
     return "n/a" if value is None else f"{float(value):.2f}%"
 
@@ -347,6 +354,27 @@ def _banner(summary: Mapping[str, Any]) -> str:
     return ""
 
 
+def _provenance_banner(run: Mapping[str, Any]) -> str:
+    """Who built, answered and judged, and how much of the memory exists: the line every number depends on."""
+    s = run["summary"]
+    models = s.get("models") if isinstance(s.get("models"), Mapping) else {}
+    prov = s.get("provenance") if isinstance(s.get("provenance"), Mapping) else {}
+    build = s.get("build") if isinstance(s.get("build"), Mapping) else {}
+    parts = [f"memory built by {prov.get('builder') or models.get('builder') or 'unknown'}"]
+    if build.get("sessions_total") is not None:
+        done = (build.get("sessions_built") or 0) + (build.get("sessions_resumed") or 0)
+        parts[-1] += f" ({done} of {build['sessions_total']} sessions)"
+    parts.append(f"answered by {prov.get('answer') or models.get('answer') or 'unknown'}")
+    parts.append(f"judged by {prov.get('judge') or models.get('judge') or 'unknown'} under protocol "
+                 f"{s.get('judge_protocol') or 'not recorded'}")
+    mem = run["memory"]
+    short = [sid for sid, m in mem.items() if not m.get("found") or m.get("complete") is False or m.get("stopped")]
+    if short:
+        parts.append(f"memory missing or incomplete for {len(short)} of {len(mem)} samples")
+    cls = "banner prov warn" if short else "banner prov"
+    return f"<div class='{cls}' id='provenance-banner'>{_e(' · '.join(parts))}</div>"
+
+
 def _run_facts(run: Mapping[str, Any]) -> str:
     s = run["summary"]
     models = s.get("models") if isinstance(s.get("models"), Mapping) else {}
@@ -395,7 +423,8 @@ def _chart_rows(summary: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]
     groups = summary.get("by_category") or summary.get("by_type") or {}
     rows = [(str(k), g) for k, g in groups.items() if isinstance(g, Mapping)]
     rows.append(("overall", {"accuracy": summary.get("accuracy"), "accuracy_ci95": summary.get("accuracy_ci95"),
-                             "n": summary.get("n_questions"), "n_judged": summary.get("n_judged")}))
+                             "ci_method": summary.get("ci_method"), "n": summary.get("n_questions"),
+                             "n_judged": summary.get("n_judged")}))
     wo = summary.get("without_adversarial")
     if isinstance(wo, Mapping):
         rows.append(("overall w/o adversarial", wo))
@@ -417,13 +446,17 @@ def _chart(summary: Mapping[str, Any]) -> str:
     for name, g in _chart_rows(summary):
         label = (f"{_fmt_pct(g.get('accuracy'))} {_fmt_ci(g.get('accuracy_ci95'))} "
                  f"n={g.get('n_judged', g.get('n'))}")
+        if g.get("ci_method"):
+            label += f" · {_method_label(g['ci_method'])}"
         rows.append(f"<div class='bar-row'><span class='bar-name'>{_e(name)}</span>"
                     f"{_bar(g.get('accuracy'), g.get('accuracy_ci95'), 'a')}<span class='bar-value'>{_e(label)}</span>"
                     f"</div>")
     if len(rows) <= 1 and summary.get("accuracy") is None:
         return ""
     return (f"<section id='chart'><h2>Judged accuracy by {by}</h2><p class='muted'>Bars: accuracy over judged "
-            f"questions; whiskers: 95% interval ({_e(_methods_note(summary))}).</p>{''.join(rows)}</section>")
+            f"questions; whiskers: its 95% interval, by the method named after each value.</p>{''.join(rows)}"
+            f"<details class='meta'><summary>interval methods</summary>{_e(_methods_note(summary))}</details>"
+            f"</section>")
 
 
 def _methods_note(summary: Mapping[str, Any]) -> str:
@@ -445,8 +478,8 @@ def _failures(run: Mapping[str, Any], index: int) -> str:
                      f"<table class='plain' id='stopped-{index}'><tr><th>sample</th><th>reason</th></tr>{rows}</table>")
     sf = run["session_failures"]
     if sf:
-        rows = "".join(f"<tr><td>{_e(f['sample'])}</td><td><a href='#mrun={index}&msample={_e(f['sample'])}"
-                       f"&session={_e(f['session'])}'>{_e(f['session'])}</a></td><td>{_e(f['agent'])}</td>"
+        rows = "".join(f"<tr><td>{_e(f['sample'])}</td><td><a href='#mrun={index}&msample={_h(f['sample'])}"
+                       f"&session={_h(f['session'])}'>{_e(f['session'])}</a></td><td>{_e(f['agent'])}</td>"
                        f"<td>{_e(f['reason'])}</td></tr>" for f in sf[:MAX_LISTED_FAILURES])
         more = f"<p class='muted'>… {len(sf) - MAX_LISTED_FAILURES} more in summary.json</p>" \
             if len(sf) > MAX_LISTED_FAILURES else ""
@@ -455,7 +488,7 @@ def _failures(run: Mapping[str, Any], index: int) -> str:
                      f"<tr><th>sample</th><th>session</th><th>agent</th><th>reason</th></tr>{rows}</table>{more}")
     fq = [q for q in run["questions"] if q["v"] == "FAILED"]
     if fq:
-        rows = "".join(f"<tr data-qid='{_e(q['id'])}'><td>{_e(q['s'])}</td><td><a href='#open={_e(q['id'])}'>"
+        rows = "".join(f"<tr data-qid='{_e(q['id'])}'><td>{_e(q['s'])}</td><td><a href='#open={_h(q['id'])}'>"
                        f"{_e(q['id'])}</a></td><td>{_e(q['fr'])}</td></tr>" for q in fq[:MAX_LISTED_FAILURES])
         more = f"<p class='muted'>… {len(fq) - MAX_LISTED_FAILURES} more: filter the table to FAILED</p>" \
             if len(fq) > MAX_LISTED_FAILURES else ""
@@ -483,9 +516,10 @@ margin:0;padding:16px 24px;background:#fafbfc}h1{font-size:20px;margin:0 0 8px}h
 border-bottom:1px solid var(--line);padding-bottom:4px}h3{font-size:14px;margin:14px 0 6px}
 section{background:#fff;border:1px solid var(--line);border-radius:6px;padding:10px 14px;margin:12px 0}
 .muted{color:var(--muted)}.banner{padding:8px 12px;border-radius:5px;margin:8px 0;font-weight:600}
-.baseline{background:#fff4d6;border:1px solid #e7c767}.facts{display:grid;grid-template-columns:max-content 1fr;
+.baseline{background:#fff4d6;border:1px solid #e7c767}.prov{background:#eef3fa;border:1px solid #c9d7ea;
+font-weight:500}.prov.warn{background:#fbeaea;border-color:#e3b4b4}.facts{display:grid;grid-template-columns:max-content 1fr;
 gap:2px 14px;margin:4px 0}.facts dt{color:var(--muted)}.facts dd{margin:0}
-.bar-row{display:grid;grid-template-columns:170px 1fr 200px;align-items:center;gap:8px;margin:3px 0}
+.bar-row{display:grid;grid-template-columns:170px 1fr 290px;align-items:center;gap:8px;margin:3px 0}
 .track{position:relative;height:16px;background:#eef1f4;border-radius:3px}.bar{height:100%;border-radius:3px}
 .bar.a{background:var(--a)}.bar.b{background:var(--b)}.track.half{height:8px}
 .whisker{position:absolute;top:50%;height:2px;background:#222;transform:translateY(-50%)}
@@ -811,7 +845,7 @@ def render_page(*, title: str, head_html: str, kind: str, runs: Sequence[Mapping
 def render_run_html(run: Mapping[str, Any], *, title: str | None = None) -> str:
     s = run["summary"]
     title = title or f"MemBuilder run: {s.get('dataset', 'unknown dataset')} · {run['name']}"
-    head = (f"{_banner(s)}<div class='top'><section id='summary'><h2>Summary</h2>{_run_facts(run)}"
+    head = (f"{_banner(s)}{_provenance_banner(run)}<div class='top'><section id='summary'><h2>Summary</h2>{_run_facts(run)}"
             f"{_provenance(s)}</section>{_chart(s)}</div>"
             f"<section id='failures'><h2>Failures</h2>{_failures(run, 0)}</section>")
     return render_page(title=title, head_html=head, kind="run", runs=[run])

@@ -39,6 +39,7 @@ class Dom(HTMLParser):
         self.detail_entries: list[str] = []  # top-level retrieved entries of the opened question, in rank order
         self.session_entries: list[str] = []
         self.timeline: list[str] = []
+        self.supersedes_links: list[str] = []
         self.texts: dict[str, list[str]] = {}  # element id -> text inside it
         self.root_attrs: dict = {}
         self.feed(text)
@@ -58,6 +59,8 @@ class Dom(HTMLParser):
                 self.detail_entries.append(a["data-entry-id"])
         if "data-entry-id" in a and self._inside("id", "session-entries"):
             self.session_entries.append(a["data-entry-id"])
+        if "data-supersedes" in a and self._inside("id", "detail"):
+            self.supersedes_links.append(a["data-supersedes"])
         if "data-session" in a and self._inside("id", "timeline"):
             self.timeline.append(a["data-session"])
         if tag not in self.VOID:
@@ -222,6 +225,7 @@ def test_failed_sessions_and_questions_are_listed_with_their_reasons(demo_run, t
     assert "judge: reply has no CORRECT/WRONG label" in failures
     assert bad_session in failures and "semantic: invalid JSON after 4 attempts" in failures
     assert "embedding endpoint unreachable" in failures
+    assert "memory missing or incomplete for 1 of 1 samples" in dom.text("provenance-banner")
     wrong = open_page(run / "report.html", "verdict=WRONG", tmp=tmp_path)
     assert not {failed_answer, failed_judge} & {r["data-qid"] for r in wrong.rows}  # an error is never a verdict
     timeline = open_page(run / "report.html", f"msample=demo-1&session={bad_session}", tmp=tmp_path)
@@ -302,3 +306,34 @@ def test_a_run_of_two_thousand_questions_stays_small_and_pages(tmp_path):
     assert [r["data-qid"] for r in one.rows] == ["sample-123_q4"]
     opened = open_page(page, "open=sample-123_q4", tmp=tmp_path)
     assert len(opened.detail_entries) == 10
+
+
+def test_supersedes_links_point_at_embedded_entries(tmp_path):
+    run = _synthetic_run(tmp_path, n_samples=3, per_sample=1, entries_per_sample=2000)
+    loaded = report_html.load_run(run, full_memory_chars=10_000)  # force "retrieved only"
+    kept = loaded["memory"]["sample-000"]["entries"]
+    # Question 0 retrieves m000000..m000009; m000006 supersedes m000005, which is retrieved anyway.
+    assert kept["m000006"][3] == ["m000005"] and "m000005" in kept
+    page = run / "report.html"
+    page.write_text(report_html.render_run_html(loaded), encoding="utf-8")
+    dom = open_page(page, "open=sample-000_q0", tmp=tmp_path)
+    assert dom.supersedes_links == ["m000005"]
+    # A chain reached only through supersedes is embedded too: m000013 -> m000012 is not retrieved.
+    answers = read_jsonl(run / "answers.jsonl")
+    answers[0]["retrieved_ids"] = ["m000013"]
+    write_jsonl(run / "answers.jsonl", answers)
+    kept = report_html.load_run(run, full_memory_chars=10_000)["memory"]["sample-000"]["entries"]
+    assert set(kept) == {"m000013", "m000012"}
+
+
+def test_markup_in_the_data_is_shown_as_text(demo_run, tmp_path):
+    run = copy_run(demo_run, tmp_path)
+    answers = read_jsonl(run / "answers.jsonl")
+    payload = '</script><b id="injected">bold</b><!-- & "quotes"'
+    answers[0]["answer"] = payload
+    write_jsonl(run / "answers.jsonl", answers)
+    write_report_html(run)
+    dom = open_page(run / "report.html", f"open={answers[0]['question_id']}", tmp=tmp_path)
+    assert "injected" not in dom.texts  # no element was made from the data
+    assert payload in dom.text("detail")
+    assert len(dom.rows) == len(answers)
