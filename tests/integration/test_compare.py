@@ -14,6 +14,7 @@ from eval import stats
 from tests.integration.test_viewer import CHROMIUM, copy_run, open_page, read_jsonl, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
 
 
 def compare(*args: str) -> subprocess.CompletedProcess:

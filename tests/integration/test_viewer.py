@@ -21,8 +21,8 @@ from eval.report_html import write_report_html
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
+    CHROMIUM is None, reason="no Chromium on PATH (Debian: apt-get install -y chromium; .ci/run installs it)")]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -282,6 +282,7 @@ def _synthetic_run(root: Path, n_samples: int, per_sample: int, entries_per_samp
     return run
 
 
+@pytest.mark.slow
 def test_a_run_of_two_thousand_questions_stays_small_and_pages(tmp_path):
     # 400 samples x 5 questions; each sample's memory holds 500 entries (about 130 MB of text in all), far over
     # the budget, so only retrieved entries (and what they supersede) are embedded.
