@@ -39,6 +39,10 @@ Decisions (kept in one place so the report can cite them):
 * Accuracy: ``accuracy`` = CORRECT / judged questions; ``accuracy_all`` = CORRECT / all questions
   (a failed question counts as wrong). A question is judged when it is not ``failed`` and its label
   is CORRECT or WRONG.
+* Uncertainty: every accuracy comes with a 95 % interval (``accuracy_ci95``, ``accuracy_all_ci95``, in percent)
+  and its method (``ci_method``, ``ci_method_all``: a key of ``eval.stats.METHODS``, described in the summary's
+  ``intervals``): a bootstrap over samples when the group's questions come several to a sample from several
+  samples (they share a memory, so they are not independent), the Wilson interval otherwise.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ LOCOMO_SCRIPT_PROTOCOL = (
 LOCOMO_SCRIPT_PHRASES: tuple[str, ...] = ("no information available", "not mentioned")
 
 from eval.datasets import LOCOMO_CATEGORY_NAMES  # noqa: E402 - one table of category names
+from eval import stats  # noqa: E402
 ADVERSARIAL_CATEGORY = 5
 
 # Lowercase phrases, matched as substrings after apostrophes are unified and whitespace collapsed.
@@ -287,7 +292,18 @@ def _group(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "correct": correct,
         "accuracy": _pct(correct, judged),
         "accuracy_all": _pct(correct, n),
+        **_intervals(records),
     }
+
+
+def _intervals(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """95 % intervals (percent) of ``accuracy`` and ``accuracy_all``, each with its method (``stats.METHODS``)."""
+    judged = [r for r in records if _is_judged(r)]
+    ci, method = stats.accuracy_interval([int(_is_correct(r)) for r in judged], [r.get("sample_id") for r in judged])
+    ci_all, method_all = stats.accuracy_interval([int(_is_correct(r)) for r in records],
+                                                 [r.get("sample_id") for r in records])
+    return {"accuracy_ci95": stats.as_percent(ci), "accuracy_all_ci95": stats.as_percent(ci_all),
+            "ci_method": method, "ci_method_all": method_all}
 
 
 def _grouped(records: Iterable[Mapping[str, Any]], key) -> dict[Any, list[Mapping[str, Any]]]:
@@ -370,7 +386,8 @@ def summarize(records: Sequence[Mapping[str, Any]], *, dataset: str) -> dict[str
     Each record carries at least ``sample_id, question_id, type, category, category_name, label,
     failed, failure_reason, prediction, gold``, and optionally ``also_correct`` (a second accepted
     answer: the dataset's own answer of a LoCoMo category-5 item, see ``adversarial_score``). Breakdown values are dicts
-    ``{n, n_judged, n_failed, correct, accuracy, accuracy_all}`` with accuracies in percent.
+    ``{n, n_judged, n_failed, correct, accuracy, accuracy_all}`` with accuracies in percent, plus their 95 %
+    intervals ``accuracy_ci95, accuracy_all_ci95`` ([lo, hi] percent or None) and ``ci_method, ci_method_all``.
     """
     records = list(records)
     locomo = _is_locomo(dataset, records)
@@ -384,6 +401,11 @@ def summarize(records: Sequence[Mapping[str, Any]], *, dataset: str) -> dict[str
         "accuracy_all counts failed questions as WRONG",
         "accuracy": overall["accuracy"],
         "accuracy_all": overall["accuracy_all"],
+        "accuracy_ci95": overall["accuracy_ci95"],
+        "accuracy_all_ci95": overall["accuracy_all_ci95"],
+        "ci_method": overall["ci_method"],
+        "ci_method_all": overall["ci_method_all"],
+        "intervals": {"confidence": stats.CONFIDENCE, "unit": "percent", "methods": dict(stats.METHODS)},
         "n_questions": overall["n"],
         "n_judged": overall["n_judged"],
         "n_correct": overall["correct"],
@@ -419,6 +441,16 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def _fmt_pct(value: Any) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
+
+
+_CI_LABELS = {stats.WILSON: "Wilson", stats.CLUSTER_BOOTSTRAP: "bootstrap over samples"}
+
+
+def _fmt_ci(ci: Any, method: Any = None) -> str:
+    if not ci:
+        return "n/a"
+    text = f"{ci[0]:.2f}–{ci[1]:.2f}%"
+    return f"{text} ({_CI_LABELS.get(method, method)})" if method else text
 
 
 def _fmt_num(value: Any) -> str:
@@ -505,13 +537,14 @@ def _breakdown_lines(
     label: str, groups: Mapping[str, Mapping[str, Any]], lexical: Mapping[str, Any] | None = None
 ) -> list[str]:
     lexical = lexical or {}
-    header = [label, "n", "judged", "correct", "failed", "accuracy", "accuracy (failed = wrong)"]
+    header = [label, "n", "judged", "correct", "failed", "accuracy", "95% interval", "accuracy (failed = wrong)"]
     if lexical:
         header += ["lexical F1", "BLEU-1"]
     rows = []
     for key, g in groups.items():
         row = [key, g.get("n", 0), g.get("n_judged", ""), g.get("correct", 0), g.get("n_failed", 0),
-               _fmt_pct(g.get("accuracy")), _fmt_pct(g.get("accuracy_all"))]
+               _fmt_pct(g.get("accuracy")), _fmt_ci(g.get("accuracy_ci95"), g.get("ci_method")),
+               _fmt_pct(g.get("accuracy_all"))]
         if lexical:
             lex = lexical.get(key) or {}
             row += [_fmt_pct(lex.get("f1")), _fmt_pct(lex.get("bleu1"))]
@@ -545,11 +578,18 @@ def render_report(summary: Mapping[str, Any], *, title: str, chart_name: str | N
         f"({summary.get('n_correct', 0)} / {summary.get('n_judged', summary.get('n_questions', 0))} judged); "
         f"{_fmt_pct(summary.get('accuracy_all'))} counting failed questions as wrong"
     )
+    if summary.get("accuracy_ci95"):
+        lines.append(
+            f"- **95% interval:** {_fmt_ci(summary['accuracy_ci95'], summary.get('ci_method'))}; counting failed "
+            f"questions as wrong {_fmt_ci(summary.get('accuracy_all_ci95'), summary.get('ci_method_all'))}"
+        )
     if summary.get("without_adversarial") and summary.get("with_adversarial"):
         w, wo = summary["with_adversarial"], summary["without_adversarial"]
         lines.append(
-            f"- **LoCoMo:** with adversarial {_fmt_pct(w.get('accuracy'))} (n={w.get('n')}), "
-            f"without adversarial {_fmt_pct(wo.get('accuracy'))} (n={wo.get('n')})"
+            f"- **LoCoMo:** with adversarial {_fmt_pct(w.get('accuracy'))} (n={w.get('n')}"
+            f"{', 95% ' + _fmt_ci(w['accuracy_ci95']) if w.get('accuracy_ci95') else ''}), "
+            f"without adversarial {_fmt_pct(wo.get('accuracy'))} (n={wo.get('n')}"
+            f"{', 95% ' + _fmt_ci(wo['accuracy_ci95']) if wo.get('accuracy_ci95') else ''})"
         )
     n_failed = summary.get("n_failed", 0)
     failed_line = f"- **Questions:** {summary.get('n_questions', 0)}; **failed:** {n_failed}"

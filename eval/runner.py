@@ -33,6 +33,7 @@ import config
 from eval import metrics
 from eval.datasets import DATASETS, DatasetError, Question, Sample, load_dataset
 from eval.llm_judge import JUDGE_PROTOCOLS, judge_answer
+from eval.report_html import write_report_html
 from llm_client import (AVAILABLE_PROVIDERS, ClientSettings, LLMCallError, LLMClient, LLMFatalError,
                         configure_logging, http_backend, merge_usage, usage_by_stage)
 from memory_store import (MemoryStoreError, StoreError, append_jsonl, atomic_write_text,
@@ -753,6 +754,7 @@ def finish_outputs(rc: RunConfig, summary: dict, invocation: dict, code: int) ->
     else:
         atomic_write_text(rc.output_dir / SUMMARY_FILE, json.dumps(summary, indent=2, ensure_ascii=False))
         metrics.write_report(rc.output_dir, summary, title=f"MemBuilder evaluation: {rc.args.dataset}")
+        write_report_html(rc.output_dir)
     return summary
 
 
@@ -772,7 +774,9 @@ def print_summary(summary: dict, rc: RunConfig) -> None:
         lines.append(f"memory: built by {summary['models']['builder']}, {prov.get('sessions_built')} of "
                      f"{prov.get('sessions_total')} sessions  ({prov.get('db_path')})")
     if "accuracy" in summary:
-        lines.append(f"accuracy {summary['accuracy']}% ({summary['n_correct']}/{summary['n_judged'] if 'n_judged' in summary else summary['n_questions'] - summary['n_failed']} judged, "
+        ci = summary.get("accuracy_ci95")
+        ci_txt = f" [95% CI {ci[0]}-{ci[1]}, {summary.get('ci_method')}]" if ci else ""
+        lines.append(f"accuracy {summary['accuracy']}%{ci_txt} ({summary['n_correct']}/{summary['n_judged'] if 'n_judged' in summary else summary['n_questions'] - summary['n_failed']} judged, "
                      f"{summary['n_failed']} of {summary['n_questions']} failed)  judge {summary['models']['judge']} "
                      f"[{summary['judge_protocol']}]")
         if summary.get("without_adversarial"):

@@ -19,6 +19,7 @@ END = "<!-- cli-reference:end -->"
 # (command as users type it, module holding build_parser()), in pipeline order.
 CLIS = (
     ("python -m eval.runner", "eval.runner"),
+    ("python -m eval.compare", "eval.compare"),
     ("python -m scripts.download_data", "scripts.download_data"),
     ("python -m scripts.process_locomo", "scripts.process_locomo"),
     ("python -m scripts.process_perltqa", "scripts.process_perltqa"),

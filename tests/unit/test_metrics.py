@@ -280,7 +280,9 @@ def test_summarize_by_category_keys_and_values(locomo_records):
 
 def test_summarize_by_type_and_sample(locomo_records):
     s = summarize(locomo_records, dataset="locomo")
-    assert s["by_type"]["single-hop"] == {
+    single = s["by_type"]["single-hop"]
+    assert single["ci_method"] == "wilson" and single["accuracy_ci95"] == [20.77, 93.85]  # 2 of 3, two samples
+    assert {k: v for k, v in single.items() if "ci" not in k} == {
         "n": 3, "n_judged": 3, "n_failed": 0, "correct": 2, "accuracy": 66.67, "accuracy_all": 66.67,
     }
     assert s["by_sample"]["s1"]["accuracy"] == 75.0  # 3 / 4 judged
