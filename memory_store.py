@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 LOCK_FILE = ".lock"
+LOG_FILE = "log.jsonl"  # a sample memory's session records since its last compaction (memory_system.MemorySystem)
+VECTORS_FILE = "vectors.f32"  # their entries' vectors, raw float32 rows, in entry order
+IO_STATS = {"bytes_written": 0}  # every byte this process wrote through this module (benchmarks read it)
 
 
 class StoreError(Exception):
@@ -60,6 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        IO_STATS["bytes_written"] += len(data)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -76,13 +80,19 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
 
 def append_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> None:
     """Append records in one write and fsync: a killed writer leaves at most a torn last line."""
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    append_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+
+
+def append_bytes(path: str | os.PathLike, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
     try:
-        os.write(fd, payload.encode("utf-8"))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
+    IO_STATS["bytes_written"] += len(data)
 
 
 def read_jsonl_records(path: str | os.PathLike) -> list[dict]:
@@ -272,9 +282,110 @@ def write_faiss_index(index, path: str | os.PathLike) -> None:
     try:
         faiss.write_index(index, tmp)
         os.chmod(tmp, FILE_MODE)
+        IO_STATS["bytes_written"] += os.path.getsize(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------- the append-only session log
+
+class SessionLog:
+    """The incremental half of a sample's store: what sessions added since the last compaction.
+
+    A save appends the session's vectors to `vectors.f32`, then its record to `log.jsonl` (each write fsync'd), so
+    its cost is what the session added, not the size of the memory. A crash leaves at most vectors without their
+    record, or a torn last record: `read` drops both. Compaction (memory_system) rewrites memory.json and
+    index.faiss whole and then `clear`s the log; a crash between the two leaves a log the snapshot already covers,
+    which `read` recognises and drops.
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.log_path = self.folder / LOG_FILE
+        self.vec_path = self.folder / VECTORS_FILE
+
+    def exists(self) -> bool:
+        return self.log_path.exists() or self.vec_path.exists()
+
+    def append(self, record: dict, vectors: "Any | None") -> None:
+        import numpy as np
+
+        if vectors is not None and len(vectors):
+            append_bytes(self.vec_path, np.ascontiguousarray(vectors, dtype="<f4").tobytes())
+        _test_crash_point(record)
+        append_jsonl(self.log_path, [record])
+
+    def clear(self) -> None:
+        for p in (self.log_path, self.vec_path):
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+
+    def read(self, snapshot_seq: int, snapshot_entries: int) -> tuple[list[dict], "Any"]:
+        """(the records newer than the snapshot, their entries' vectors as an (n, dim) array); debris is dropped
+        on disk (we hold the folder's lock): a torn last record, vectors without a record, a covered log."""
+        import numpy as np
+
+        try:
+            raw = self.log_path.read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        records, good = [], 0
+        for line in raw.split(b"\n"):
+            if not line.endswith(b"}"):
+                break  # a torn last record (or the empty tail after the final newline)
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                break
+            if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int) or \
+                    not isinstance(rec.get("first_entry"), int):
+                raise MemoryStoreError(f"{self.log_path} holds a line that is not a session record: "
+                                       f"{_recovery(self.folder)}")
+            records.append(rec)
+            good += len(line) + 1
+        if good < len(raw):
+            with open(self.log_path, "r+b") as fh:  # the next append must start on a clean line
+                fh.truncate(good)
+        covered = [r for r in records if r["seq"] <= snapshot_seq]
+        new = records[len(covered):]
+        if any(r["seq"] <= snapshot_seq for r in new):
+            raise MemoryStoreError(f"{self.log_path} is out of order: {_recovery(self.folder)}")
+        if not new:
+            self.clear()  # nothing past the snapshot (a compaction that did not get to remove the log)
+            return [], np.zeros((0, 0), dtype=np.float32)
+        if new[0]["first_entry"] != snapshot_entries:
+            raise MemoryStoreError(f"{self.log_path} continues at entry {new[0]['first_entry']}, but the snapshot "
+                                   f"holds {snapshot_entries}: {_recovery(self.folder)}")
+        skip = sum(len(r.get("entries") or []) for r in covered)
+        n_vecs = sum(len(r.get("entries") or []) for r in new)
+        dim = next((int(r["dim"]) for r in records if r.get("dim")), 0)
+        if not n_vecs:
+            return new, np.zeros((0, dim), dtype=np.float32)
+        try:
+            data = self.vec_path.read_bytes()
+        except FileNotFoundError:
+            data = b""
+        row = 4 * dim
+        need = (skip + n_vecs) * row
+        if dim <= 0 or len(data) < need:
+            raise MemoryStoreError(f"{self.vec_path} holds {len(data) // max(row, 1)} vectors for the "
+                                   f"{skip + n_vecs} entries of {self.log_path}: {_recovery(self.folder)}")
+        if len(data) > need:  # vectors whose record a crash never wrote
+            with open(self.vec_path, "r+b") as fh:
+                fh.truncate(need)
+        vec = np.frombuffer(data[skip * row: need], dtype="<f4").reshape(n_vecs, dim).astype(np.float32)
+        return new, vec
+
+
+def _test_crash_point(record: dict) -> None:
+    """Tests kill the process between a record's vectors and the record itself (MEMBUILDER_TEST_CRASH_AT_APPEND=n:
+    at the n-th record with entries), the window a crash-safe store must survive."""
+    at = os.environ.get("MEMBUILDER_TEST_CRASH_AT_APPEND")
+    if at and record.get("entries") and int(record.get("seq", 0)) >= int(at):
+        os._exit(137)

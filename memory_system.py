@@ -23,8 +23,8 @@ import numpy as np
 import config
 import prompts
 from llm_client import LLMCallError, LLMClient, extract_json
-from memory_store import (MemoryStoreError, atomic_write_text, read_faiss_index, read_memory_file,  # noqa: F401
-                          write_faiss_index)
+from memory_store import (MemoryStoreError, SessionLog, atomic_write_text, read_faiss_index,  # noqa: F401
+                          read_memory_file, write_faiss_index)
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +498,8 @@ class MemorySystem:
         self.state = MemoryState()
         self.index = VectorIndex()
         self.meta: dict[str, Any] = {"sessions_done": [], "session_failures": {}}
+        self._saved: dict[str, Any] | None = None  # what `persist` last wrote: None = nothing on disk yet
+        self._unsaved_vectors: list[np.ndarray] = []
 
     # ------------------------------------------------------------------ search
     def _type_positions(self, types: Sequence[str]) -> np.ndarray:
@@ -586,6 +588,7 @@ class MemorySystem:
             vecs = await self.embedder.embed([e.tagged() for e in result.new_entries], task="embed.entries")
             try:
                 self.index.add(vecs)
+                self._unsaved_vectors.append(np.asarray(vecs, dtype=np.float32))
             except ValueError as exc:  # vectors of another dimension than the stored ones
                 raise LLMCallError(f"{exc}: the embeddings endpoint returns vectors that do not fit this memory",
                                    task="embed.entries", kind="config") from None
@@ -635,23 +638,75 @@ class MemorySystem:
 
     # ------------------------------------------------------------------ persistence
     def fork(self) -> "MemorySystem":
-        """A copy that shares this system's vectors read-only; what it adds stays its own."""
+        """A copy that shares this system's vectors read-only; what it adds stays its own (and is never saved)."""
         other = MemorySystem.__new__(MemorySystem)
         other.__dict__.update(self.__dict__)
         other.state = self.state.copy()
         other.index = VectorIndex(parent=self.index)
         other.meta = copy.deepcopy(self.meta)
+        other._saved, other._unsaved_vectors = None, []
         return other
 
+    def _snapshot_meta(self, log_seq: int) -> dict:
+        return {**self.meta, "embedding_model": self.embedder.settings.embedding_model,
+                "embedding_dim": self.index.dim, "n_indexed": self.index.ntotal, "log_seq": log_seq}
+
+    def _mark_saved(self, log_seq: int) -> None:
+        self._saved = {"n": len(self.state.entries), "core": self.state.core, "meta": copy.deepcopy(self.meta),
+                       "seq": log_seq}
+        self._unsaved_vectors = []
+
     def save(self, directory: str | os.PathLike) -> None:
-        """Index first, then memory.json: a crash between the two leaves extra vectors that load() drops."""
+        """The whole memory (a compaction): index first, then memory.json, then the session log is dropped. A crash
+        between the two writes leaves extra vectors that load() drops, or a log the snapshot covers."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        seq = self._saved["seq"] if self._saved else int(self.meta.get("log_seq") or 0)
         self.index.save(directory / INDEX_FILE)
-        meta = {**self.meta, "embedding_model": self.embedder.settings.embedding_model,
-                "embedding_dim": self.index.dim, "n_indexed": self.index.ntotal}
-        atomic_write_text(directory / MEMORY_FILE,
-                          json.dumps({**self.state.to_dict(), "meta": meta}, ensure_ascii=False, indent=1))
+        atomic_write_text(directory / MEMORY_FILE, json.dumps({**self.state.to_dict(), "meta": self._snapshot_meta(seq)},
+                                                              ensure_ascii=False, indent=1))
+        SessionLog(directory).clear()
+        self._mark_saved(seq)
+
+    def persist(self, directory: str | os.PathLike) -> None:
+        """Save what changed since the last save, at a cost proportional to it: one record appended to the
+        folder's session log (and the new entries' vectors). The first save of a folder writes it whole."""
+        directory = Path(directory)
+        if self._saved is None or not self.exists(directory) or getattr(self, "_needs_reembed", False):
+            self.save(directory)
+            return
+        saved = self._saved
+        new_entries = self.state.entries[saved["n"]:]
+        vectors = np.vstack(self._unsaved_vectors) if self._unsaved_vectors else None
+        if len(new_entries) != (0 if vectors is None else len(vectors)):
+            self.save(directory)  # vectors and entries out of step (a re-embed): write the whole memory
+            return
+        delta: dict[str, Any] = {}
+        old_meta, meta = saved["meta"], self.meta
+        done_old = list(old_meta.get("sessions_done") or [])
+        done_new = list(meta.get("sessions_done") or [])
+        if done_new[: len(done_old)] != done_old:
+            self.save(directory)
+            return
+        if len(done_new) > len(done_old):
+            delta["sessions_done+"] = done_new[len(done_old):]
+        fails_old, fails_new = old_meta.get("session_failures") or {}, meta.get("session_failures") or {}
+        added = {k: v for k, v in fails_new.items() if fails_old.get(k) != v}
+        if added:
+            delta["session_failures+"] = added
+        for k, v in meta.items():
+            if k not in ("sessions_done", "session_failures") and old_meta.get(k) != v:
+                delta.setdefault("set", {})[k] = v
+        gone = [k for k in old_meta if k not in meta]
+        if gone:
+            delta["unset"] = gone
+        seq = saved["seq"] + 1
+        record = {"seq": seq, "first_entry": saved["n"], "entries": [e.to_dict() for e in new_entries],
+                  "dim": self.index.dim, "meta": delta}
+        if self.state.core != saved["core"]:
+            record["core"] = self.state.core
+        SessionLog(directory).append(record, vectors)
+        self._mark_saved(seq)
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:
@@ -670,20 +725,44 @@ class MemorySystem:
             raise MemoryStoreError(f"unreadable memory file {mem_path}: {exc}: delete {directory} to rebuild it") \
                 from None
         ms.meta = {"sessions_done": [], "session_failures": {}, **(data.get("meta") or {})}
+        seq = int(ms.meta.get("log_seq") or 0)
+        n_snapshot = len(ms.state.entries)
         index_path = directory / INDEX_FILE
         stored_model = ms.meta.get("embedding_model")
         current_model = ms.embedder.settings.embedding_model
         if index_path.is_file() and (stored_model in (None, current_model)):
             ms.index = VectorIndex.load(index_path)
-            ms.index.truncate(len(ms.state.entries))
-            if ms.index.ntotal < len(ms.state.entries):
-                raise MemoryStoreError(f"{index_path} holds {ms.index.ntotal} vectors for {len(ms.state.entries)} "
+            ms.index.truncate(n_snapshot)
+            if ms.index.ntotal < n_snapshot:
+                raise MemoryStoreError(f"{index_path} holds {ms.index.ntotal} vectors for {n_snapshot} "
                                        f"entries: delete {directory} to rebuild that memory")
         else:
             ms._needs_reembed = True
             if stored_model and stored_model != current_model:
                 log.warning("memory at %s was embedded with %s; re-embedding its %d entries with %s", directory,
                             stored_model, len(ms.state.entries), current_model)
+        log_records, vectors = SessionLog(directory).read(seq, n_snapshot)
+        for rec in log_records:
+            try:
+                ms.state.entries.extend(MemoryEntry.from_dict(e) for e in rec.get("entries") or [])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise MemoryStoreError(f"{directory / 'log.jsonl'} holds a bad entry ({exc}): delete {directory} "
+                                       "to rebuild that memory") from None
+            if isinstance(rec.get("core"), str):
+                ms.state.core = rec["core"]
+            delta = rec.get("meta") or {}
+            ms.meta["sessions_done"] = list(ms.meta.get("sessions_done") or []) + list(delta.get("sessions_done+") or [])
+            ms.meta["session_failures"] = {**(ms.meta.get("session_failures") or {}),
+                                           **(delta.get("session_failures+") or {})}
+            ms.meta.update(delta.get("set") or {})
+            for k in delta.get("unset") or []:
+                ms.meta.pop(k, None)
+            seq = rec["seq"]
+        if len(vectors) and not getattr(ms, "_needs_reembed", False):
+            ms.index.add(vectors)
+        for k in ("embedding_dim", "n_indexed", "log_seq"):  # snapshot facts, rewritten by the next compaction
+            ms.meta.pop(k, None)
+        ms._mark_saved(seq)
         return ms
 
     async def ensure_index(self) -> None:
@@ -694,6 +773,8 @@ class MemorySystem:
                 self.index.add(await self.embedder.embed([e.tagged() for e in self.state.entries],
                                                          task="embed.entries"))
             self._needs_reembed = False
+            self._unsaved_vectors = []
+            self._saved = None  # the next save writes the whole memory with the new vectors
 
 
 def dominant_type(counts: dict[str, int]) -> str | None:

@@ -36,7 +36,7 @@ from eval.llm_judge import JUDGE_PROTOCOLS, judge_answer
 from eval.report_html import write_report_html
 from llm_client import (AVAILABLE_PROVIDERS, ClientSettings, LLMCallError, LLMClient, LLMFatalError,
                         configure_logging, http_backend, merge_usage, usage_by_stage)
-from memory_store import (MemoryStoreError, StoreError, append_jsonl, atomic_write_text,
+from memory_store import (MemoryStoreError, SessionLog, StoreError, append_jsonl, atomic_write_text,
                           check_output_dir, locked, read_faiss_index, read_jsonl_records, read_memory_file)
 from memory_system import INDEX_FILE, MEMORY_FILE, MemorySystem
 
@@ -315,7 +315,7 @@ async def build_sample(sample: Sample, rc: RunConfig, builder: LLMClient, embedd
         stats.sample_errors[sample.id] = reason
         ms.meta["stopped"] = {"session": session.id, "reason": reason, "agents": failures or {}}
         ms.meta["complete"] = False
-        await asyncio.to_thread(ms.save, sdir)
+        await asyncio.to_thread(ms.save, sdir)  # the sample's build is over for this run: compact its log
         log.error("sample %s stopped: %s", sample.id, reason)
         progress.update("session", len(sessions) - sessions.index(session))
         return ms
@@ -348,8 +348,11 @@ async def build_sample(sample: Sample, rc: RunConfig, builder: LLMClient, embedd
             stats.invalid_outputs.append({"sample_id": sample.id, "session_id": session.id, "agent": agent,
                                           "reason": reason})
         ms.meta["complete"] = len(ms.meta["sessions_done"]) >= len(sample.sessions)
-        await asyncio.to_thread(ms.save, sdir)  # the next session waits for it; other samples go on
+        # Appends what the session added (the next session waits for it; other samples go on).
+        await asyncio.to_thread(ms.persist, sdir)
         progress.update("session")
+    if todo or not MemorySystem.exists(sdir) or SessionLog(sdir).exists():
+        await asyncio.to_thread(ms.save, sdir)  # compaction: memory.json + index.faiss whole, the log dropped
     return ms
 
 

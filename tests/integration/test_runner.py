@@ -170,41 +170,63 @@ def test_faults_every_session_and_question_is_applied_or_recorded(tmp_path, shar
 
 # --------------------------------------------------------------------------- crash safety
 
+def _sessions_on_disk(sdir: Path) -> list[str]:
+    """The sessions a memory folder records: its snapshot's, then those its session log appended."""
+    try:
+        done = list(json.loads((sdir / "memory.json").read_text())["meta"]["sessions_done"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return []
+    log = sdir / "log.jsonl"
+    for line in (log.read_text().splitlines() if log.exists() else []):
+        try:
+            done += json.loads(line)["meta"].get("sessions_done+", [])
+        except (json.JSONDecodeError, KeyError):
+            break
+    return done
+
+
+def _kill_after(cmd: list[str], env: dict, sdir: Path, n: int) -> int:
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = len(_sessions_on_disk(sdir))
+        if done >= n:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return done
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError("the build finished before it could be killed")
+
+
 @pytest.mark.slow
-def test_sigkill_mid_build_then_rerun_matches_uninterrupted(tmp_path, shared_data):
+@pytest.mark.parametrize("crash", ["sigkill", "between_vectors_and_record"])
+def test_sigkill_mid_build_then_rerun_matches_uninterrupted(tmp_path, shared_data, crash):
     base = [sys.executable, "-m", "eval.runner", "--dataset", "locomo", "--data-dir", str(shared_data),
             "--conv-id", "conv-30", "--provider", "offline", "--mode", "build", "--no-progress"]
     ref_db, db = tmp_path / "ref", tmp_path / "db"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([*base, "--db-path", str(db), "--output-dir", str(tmp_path / "o1")], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    mem_file = db / "conv-30" / "memory.json"
-    killed_at = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            done = len(json.loads(mem_file.read_text())["meta"]["sessions_done"])
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            done = 0
-        if done >= 3:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            killed_at = done
-            break
-        time.sleep(0.01)
-    assert killed_at is not None, "the build finished before it could be killed"
-    partial = json.loads(mem_file.read_text())
-    assert 3 <= len(partial["meta"]["sessions_done"]) < 19
+    sdir = db / "conv-30"
+    if crash == "sigkill":
+        _kill_after([*base, "--db-path", str(db), "--output-dir", str(tmp_path / "o1")], env, sdir, 3)
+    else:
+        # the process dies after a session's vectors reached the log but before its record did
+        proc = subprocess.run([*base, "--db-path", str(db), "--output-dir", str(tmp_path / "o1")], cwd=ROOT,
+                              env={**env, "MEMBUILDER_TEST_CRASH_AT_APPEND": "4"}, capture_output=True)
+        assert proc.returncode == 137 and (sdir / "vectors.f32").stat().st_size > 0
+    partial = _sessions_on_disk(sdir)
+    assert 3 <= len(partial) < 19
     subprocess.run([*base, "--db-path", str(db), "--output-dir", str(tmp_path / "o2")], cwd=ROOT, env=env, check=True,
                    capture_output=True)
     subprocess.run([*base, "--db-path", str(ref_db), "--output-dir", str(tmp_path / "o3")], cwd=ROOT, env=env,
                    check=True, capture_output=True)
-    resumed, reference = json.loads(mem_file.read_text()), _memory(ref_db, "conv-30")
+    resumed, reference = json.loads((sdir / "memory.json").read_text()), _memory(ref_db, "conv-30")
     assert resumed["core"] == reference["core"]
     assert resumed["entries"] == reference["entries"]
     assert resumed["meta"]["sessions_done"] == reference["meta"]["sessions_done"]
+    assert not (sdir / "log.jsonl").exists(), "a finished sample is compacted"
     build = json.loads((tmp_path / "o2" / "build.json").read_text())["build"]
-    assert build["sessions_resumed"] == len(partial["meta"]["sessions_done"])
+    assert build["sessions_resumed"] == len(partial)
 
 
 def test_rerun_of_answer_stage_resumes_without_new_requests(tmp_path):
