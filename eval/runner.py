@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--split", choices=("sft", "rl", "test"), help="LongMemEval split (MemBuilder's splits file)")
     d.add_argument("--subset-file", help="a file of sample ids to keep (one per line, or a JSON list)")
     d.add_argument("--sessions", type=int, help="build at most the first N sessions of each sample")
-    d.add_argument("--questions", type=int, help="answer at most the first N questions of each sample")
+    d.add_argument("--questions", type=int, help="answer the first N questions of each sample (after "
+                                                 "--questions-in-built-sessions)")
+    d.add_argument("--questions-in-built-sessions", action="store_true",
+                   help="keep only the questions whose evidence lies in the sessions selected for building (LoCoMo "
+                        "'evidence', LongMemEval 'answer_session_ids'); with --sessions N, the first N sessions")
     m = p.add_argument_group("models")
     m.add_argument("--mode", choices=MODES, default="full", help="build memory, answer from built memory, or both")
     m.add_argument("--provider", choices=AVAILABLE_PROVIDERS, default="offline",
@@ -692,6 +696,12 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
         if no_retrieval:
             warnings.append(f"{len(no_retrieval)} answered question(s) retrieved no memory entry")
         summary["questions_without_retrieval"] = len(no_retrieval)
+        summary["judge_check"] = judge_lexical_check(records)
+        jc = summary["judge_check"]
+        if jc["flagged"]:
+            warnings.append(f"the judge's verdicts disagree with the lexical metrics: {jc['with_no_shared_word']} of "
+                            f"{jc['correct_with_specific_gold']} CORRECT answers share no word with their gold "
+                            f"(over {int(100 * JUDGE_CHECK_THRESHOLD)}%): this accuracy is not a measurement")
         if rc.judge.provider != "offline" and any(
                 f"{rc.judge.provider}/{rc.judge.model}" == b for b in builder_names):
             warnings.append(f"the judge {rc.judge.provider}/{rc.judge.model} is also the model that built the memory")
@@ -798,6 +808,45 @@ def print_summary(summary: dict, rc: RunConfig) -> None:
     print("\n".join(lines))
 
 
+JUDGE_CHECK_THRESHOLD = 0.5  # share of CORRECT verdicts whose answer shares no word with a specific gold
+JUDGE_CHECK_MIN = 5
+
+
+def judge_lexical_check(records: Sequence[dict]) -> dict:
+    """How often the judge's CORRECT verdicts are for answers that share no word with their (specific) gold: a
+    judge that says CORRECT to unrelated answers is not measuring anything (e.g. a tiny model judging itself)."""
+    from eval.metrics import expresses_unavailability, token_f1
+
+    correct = [r for r in records if r.get("label") == "CORRECT" and not r.get("failed") and r.get("prediction")
+               and r.get("gold") and not expresses_unavailability(r["gold"])]
+    zero = [r["question_id"] for r in correct if token_f1(r["prediction"], r["gold"]) == 0.0]
+    share = len(zero) / len(correct) if correct else None
+    return {"correct_with_specific_gold": len(correct), "with_no_shared_word": len(zero),
+            "share": round(share, 4) if share is not None else None, "threshold": JUDGE_CHECK_THRESHOLD,
+            "flagged": bool(share is not None and len(correct) >= JUDGE_CHECK_MIN and share > JUDGE_CHECK_THRESHOLD),
+            "examples": zero[:5]}
+
+
+def evidence_sessions(sample: Sample, q: Question) -> set[str] | None:
+    """The session ids holding a question's evidence, when the dataset says (None: it does not)."""
+    if sample.dataset == "locomo":
+        ids = {f"session_{m.group(1)}" for e in q.extra.get("evidence") or [] if (m := re.match(r"D(\d+):", str(e)))}
+        return ids or None
+    ids = q.extra.get("answer_session_ids")
+    return set(map(str, ids)) if ids else None
+
+
+def keep_questions_in_built_sessions(samples: Sequence[Sample], limit: int | None) -> tuple[int, int]:
+    """Drop the questions whose evidence is not (or not known to be) in the sessions selected for building."""
+    kept = total = 0
+    for s in samples:
+        built = {x.id for x in _sessions_to_build(s, limit)}
+        total += len(s.questions)
+        s.questions = [q for q in s.questions if (ev := evidence_sessions(s, q)) is not None and ev <= built]
+        kept += len(s.questions)
+    return kept, total
+
+
 # --------------------------------------------------------------------------- checks before any work
 
 def check_samples(samples: Sequence[Sample]) -> None:
@@ -848,6 +897,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not samples:
             raise UsageError("no samples selected")
         check_samples(samples)
+        if args.questions_in_built_sessions:
+            kept, total = keep_questions_in_built_sessions(samples, args.sessions)
+            print(f"questions whose evidence lies in the built sessions: {kept} of {total}", file=sys.stderr)
+            if not kept:
+                raise UsageError("--questions-in-built-sessions keeps no question: build more --sessions")
         if args.mode == "answer":
             if rc.db_path.exists() and not rc.db_path.is_dir():
                 raise UsageError(f"--db-path {rc.db_path} is not a folder")

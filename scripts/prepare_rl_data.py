@@ -252,6 +252,8 @@ def build_parser() -> tj.OneLineParser:
     p.add_argument("--max-tokens-qa", type=int, default=config.MAX_TOKENS_QA, help="reply cap of QA generation")
     p.add_argument("--allow-test-split", action="store_true",
                    help="allow dialogues of held-out LongMemEval test instances (refused by default)")
+    p.add_argument("--allow-empty-qa", action="store_true",
+                   help="exit 0 even when most rows have no synthetic QA (such rows can only score 0)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -308,7 +310,13 @@ def _main(argv: list[str] | None) -> int:
         print(f"  skipped {n} session(s): {kind}   e.g. {b.skipped_examples[kind][:160]}")
     for line in unfinished:
         print(f"  skipped dialogue {line}")
+    zero_only = sum(1 for r in b.rows if not r["extra_info"]["qa_pairs"])
+    print(f"  rows that can only score 0 (no synthetic QA: a reward over zero questions): {zero_only} of {len(b.rows)}")
     print(f"  time: {time.perf_counter() - t0:.1f}s")
+    if zero_only * 2 > len(b.rows) and not args.allow_empty_qa:
+        print(f"error: most rows ({zero_only} of {len(b.rows)}) have no synthetic QA, so their reward is 0 whatever "
+              "the policy does: run with --add-qa (or pass --allow-empty-qa to keep this file)", file=sys.stderr)
+        return 1
     return 0
 
 
