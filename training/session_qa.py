@@ -113,6 +113,9 @@ def build_parser() -> "tj.OneLineParser":
     p.add_argument("--base-url")
     p.add_argument("--api-key")
     p.add_argument("--workers", type=int, default=8, help="QA requests in flight")
+    p.add_argument("--request-timeout", type=float, default=config.DEFAULT_REQUEST_TIMEOUT_S,
+                   help="seconds one QA-generation attempt may take, to the whole reply")
+    p.add_argument("--max-tokens-qa", type=int, default=config.MAX_TOKENS_QA, help="reply cap of QA generation")
     p.add_argument("--output", help="also write every session's QA record to this JSONL file")
     p.add_argument("--allow-test-split", action="store_true",
                    help="allow dialogues of held-out LongMemEval test instances (refused by default)")
@@ -151,7 +154,8 @@ def _main(argv: list[str] | None) -> int:
                 bad = [i for i in sessions if not 0 <= i < d.finished_sessions]
                 if bad:
                     raise tj.TrajectoryError(f"{d.sample_id} has no session {bad[0]} ({d.finished_sessions} sessions)")
-        client = qa_client(args.provider, args.model, args.base_url, args.api_key, args.workers)
+        client = qa_client(args.provider, args.model, args.base_url, args.api_key, args.workers,
+                           timeout_s=args.request_timeout, max_tokens=args.max_tokens_qa)
     except (tj.TrajectoryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
