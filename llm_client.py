@@ -939,6 +939,39 @@ def _aiohttp_http_client():
     return openai.DefaultAioHttpClient()
 
 
+_CAP_HELP = {"builder": "reply cap of the four memory agents", "compress": "reply cap of core-memory compression",
+             "answer": "reply cap of answers", "judge": "reply cap of the judge", "qa": "reply cap of QA generation"}
+
+
+def add_call_budget_args(group, roles: tuple[str, ...] = ()) -> None:
+    """The CLIs' flags for one LLM call's budget (--max-retries, --request-timeout, --call-deadline) and the reply
+    caps of the given roles (--max-tokens-<role>); `call_budget(args)` turns them into ClientSettings fields."""
+    group.add_argument("--max-retries", type=int, default=config.DEFAULT_MAX_RETRIES,
+                       help="retries per LLM call, transport faults and invalid replies together (attempts = 1 + this)")
+    group.add_argument("--request-timeout", type=float, default=config.DEFAULT_REQUEST_TIMEOUT_S,
+                       help="seconds one attempt may take, to the whole reply (a deadline, not a read timeout)")
+    group.add_argument("--call-deadline", type=float, default=config.DEFAULT_CALL_DEADLINE_S,
+                       help="seconds one LLM call may take over all its attempts and backoff")
+    for role in roles:
+        group.add_argument(f"--max-tokens-{role}", type=int, default=getattr(config, f"MAX_TOKENS_{role.upper()}"),
+                           help=_CAP_HELP[role])
+
+
+def call_budget(args) -> dict:
+    """ClientSettings fields from `add_call_budget_args` flags; ValueError names a bad one."""
+    if args.max_retries < 0:
+        raise ValueError("--max-retries must be at least 0")
+    for flag in ("request_timeout", "call_deadline"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    caps = {role: getattr(args, f"max_tokens_{role}", None) for role in _CAP_HELP}
+    for role, v in caps.items():
+        if v is not None and v < 1:
+            raise ValueError(f"--max-tokens-{role} must be at least 1")
+    return {"max_retries": args.max_retries, "timeout_s": args.request_timeout, "call_deadline_s": args.call_deadline,
+            "max_tokens_by_task": config.max_tokens_table(**caps)}
+
+
 def configure_logging(verbose: bool, *, level: int = logging.WARNING, timestamps: bool = False) -> None:
     """CLI logging: `level` (DEBUG with --verbose), and the HTTP and model-loading libraries kept at WARNING."""
     fmt = ("%(asctime)s " if timestamps else "") + "%(levelname)s %(name)s: %(message)s"

@@ -35,7 +35,8 @@ from eval.datasets import DATASETS, DatasetError, Question, Sample, load_dataset
 from eval.llm_judge import JUDGE_PROTOCOLS, judge_answer
 from eval.report_html import write_report_html
 from llm_client import (AVAILABLE_PROVIDERS, ClientSettings, LLMCallError, LLMClient, LLMFatalError,
-                        configure_logging, http_backend, merge_usage, usage_by_stage)
+                        add_call_budget_args, call_budget, configure_logging, http_backend, merge_usage,
+                        usage_by_stage)
 from memory_store import (MemoryStoreError, SessionLog, StoreError, append_jsonl, atomic_write_text,
                           check_output_dir, locked, read_faiss_index, read_jsonl_records, read_memory_file)
 from memory_system import INDEX_FILE, MEMORY_FILE, MemorySystem
@@ -111,18 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=4, help="samples built at once with --parallel")
     r.add_argument("--max-in-flight", type=int, help="LLM requests in flight per endpoint "
                                                      "(default max(32, 4 x workers, 3 x concurrency))")
-    r.add_argument("--max-retries", type=int, default=config.DEFAULT_MAX_RETRIES,
-                   help="retries per LLM call, transport faults and invalid replies together (attempts = 1 + this)")
-    r.add_argument("--request-timeout", type=float, default=config.DEFAULT_REQUEST_TIMEOUT_S,
-                   help="seconds one attempt may take, from sending to the whole reply (a deadline, not a read timeout)")
-    r.add_argument("--call-deadline", type=float, default=config.DEFAULT_CALL_DEADLINE_S,
-                   help="seconds one LLM call may take over all its attempts and backoff")
-    r.add_argument("--max-tokens-builder", type=int, default=config.MAX_TOKENS_BUILDER,
-                   help="reply cap of the four memory agents")
-    r.add_argument("--max-tokens-compress", type=int, default=config.MAX_TOKENS_COMPRESS,
-                   help="reply cap of core-memory compression")
-    r.add_argument("--max-tokens-answer", type=int, default=config.MAX_TOKENS_ANSWER, help="reply cap of answers")
-    r.add_argument("--max-tokens-judge", type=int, default=config.MAX_TOKENS_JUDGE, help="reply cap of the judge")
+    add_call_budget_args(r, ("builder", "compress", "answer", "judge"))
     r.add_argument("--cache-dir", help="on-disk response cache: a rerun of the same requests costs nothing")
     r.add_argument("--output-dir", help="run folder (default runs/<dataset>-<answer provider>-<answer model>)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -145,26 +135,21 @@ class RunConfig:
 
 
 def resolve(args: argparse.Namespace) -> RunConfig:
-    for flag in ("concurrency", "workers", "top_k", "max_tokens_builder", "max_tokens_compress", "max_tokens_answer",
-                 "max_tokens_judge"):
+    for flag in ("concurrency", "workers", "top_k"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.max_retries < 0:
-        raise UsageError("--max-retries must be at least 0")
-    for flag in ("request_timeout", "call_deadline"):
-        if not getattr(args, flag) > 0:
-            raise UsageError(f"--{flag.replace('_', '-')} must be positive")
+    try:
+        budget = call_budget(args)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     for flag in ("sessions", "questions"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1")
     workers = args.workers if args.parallel else 1
     in_flight = args.max_in_flight or max(32, 4 * workers, 3 * args.concurrency)
-    caps = config.max_tokens_table(builder=args.max_tokens_builder, compress=args.max_tokens_compress,
-                                   answer=args.max_tokens_answer, judge=args.max_tokens_judge)
-    common = dict(max_in_flight=in_flight, max_retries=args.max_retries, cache_dir=args.cache_dir,
-                  embedding_provider=args.embedding_provider, embedding_model=args.embedding_model,
-                  embedding_base_url=args.embedding_base_url, embedding_api_key=args.embedding_api_key,
-                  timeout_s=args.request_timeout, call_deadline_s=args.call_deadline, max_tokens_by_task=caps)
+    common = dict(max_in_flight=in_flight, cache_dir=args.cache_dir, embedding_provider=args.embedding_provider,
+                  embedding_model=args.embedding_model, embedding_base_url=args.embedding_base_url,
+                  embedding_api_key=args.embedding_api_key, **budget)
     default_model = config.OFFLINE_MODEL_NAME if args.provider == "offline" else config.ANSWER_MODEL
     builder = ClientSettings(provider=args.provider, model=args.model or default_model, base_url=args.base_url,
                              api_key=args.api_key, **common)

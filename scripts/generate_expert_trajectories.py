@@ -29,7 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import config  # noqa: E402
-from llm_client import AVAILABLE_PROVIDERS, ClientSettings, LLMClient, configure_logging  # noqa: E402
+from llm_client import (AVAILABLE_PROVIDERS, ClientSettings, LLMClient, add_call_budget_args,  # noqa: E402
+                        call_budget, configure_logging)
 from memory_system import AGENTS, MemorySystem  # noqa: E402
 from training import trajectories as tj  # noqa: E402
 from training.trajectories import OneLineParser  # noqa: E402
@@ -309,16 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base-url", help="OpenAI-compatible endpoint (default: OPENAI_BASE_URL / VLLM_BASE_URL)")
     m.add_argument("--api-key", help="default: OPENAI_API_KEY / VLLM_API_KEY")
     m.add_argument("--max-in-flight", type=int, default=config.DEFAULT_MAX_IN_FLIGHT, help="requests in flight")
-    m.add_argument("--max-retries", type=int, default=config.DEFAULT_MAX_RETRIES,
-                   help="retries per LLM call, transport faults and invalid replies together")
-    m.add_argument("--request-timeout", type=float, default=config.DEFAULT_REQUEST_TIMEOUT_S,
-                   help="seconds one attempt may take, to the whole reply (a deadline, not a read timeout)")
-    m.add_argument("--call-deadline", type=float, default=config.DEFAULT_CALL_DEADLINE_S,
-                   help="seconds one LLM call may take over all its attempts")
-    m.add_argument("--max-tokens-builder", type=int, default=config.MAX_TOKENS_BUILDER,
-                   help="reply cap of the four memory agents")
-    m.add_argument("--max-tokens-compress", type=int, default=config.MAX_TOKENS_COMPRESS,
-                   help="reply cap of core-memory compression")
+    add_call_budget_args(m, ("builder", "compress"))
     m.add_argument("--cache-dir", help="on-disk response cache")
     e = p.add_argument_group("embeddings")
     e.add_argument("--embedding-provider", choices=("openai", "offline"),
@@ -371,10 +363,7 @@ def _make_client(args) -> LLMClient:
             provider=args.provider, model=args.expert_model, base_url=args.base_url, api_key=args.api_key,
             embedding_provider=args.embedding_provider, embedding_model=args.embedding_model,
             embedding_base_url=args.embedding_base_url, embedding_api_key=args.embedding_api_key,
-            max_in_flight=args.max_in_flight, max_retries=args.max_retries, cache_dir=args.cache_dir,
-            timeout_s=args.request_timeout, call_deadline_s=args.call_deadline,
-            max_tokens_by_task=config.max_tokens_table(builder=args.max_tokens_builder,
-                                                       compress=args.max_tokens_compress)))
+            max_in_flight=args.max_in_flight, cache_dir=args.cache_dir, **call_budget(args)))
     except ValueError as exc:
         raise UserError(str(exc)) from None
 

@@ -4,13 +4,11 @@ Ctrl-C, and question selection by evidence."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
 from fastapi.responses import JSONResponse
@@ -20,21 +18,7 @@ from eval import runner
 from scripts.scripted_server import ScriptedServer, default_responder
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MEMBUILDER_BACKOFF_BASE": "0.01"}
-
-
-def _run(*argv: str) -> int:
-    return runner.main([*argv, "--no-progress"])
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _common(srv: ScriptedServer, tmp: Path, *extra: str) -> list[str]:
-    return ["--dataset", "demo", "--provider", "openai", "--base-url", srv.base_url, "--api-key", "k",
-            "--db-path", str(tmp / "db"), "--output-dir", str(tmp / "run"), *extra]
+from tests.integration.runner_helpers import ENV, ROOT, demo_args as _common, jsonl as _jsonl, run as _run  # noqa: E402
 
 
 def _completion(content: str, finish: str = "stop") -> JSONResponse:

@@ -17,32 +17,16 @@ from pathlib import Path
 import pytest
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from eval import runner
 from llm_client import LLMCallError, LLMClient, _aiohttp_backend_available, merge_usage
-from memory_store import FolderLock
 from prompts import Prompt
 from scripts.scripted_server import ScriptedServer
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "MEMBUILDER_BACKOFF_BASE": "0.01"}
-
-
-def _run(*argv: str) -> int:
-    return runner.main([*argv, "--no-progress"])
-
-
-def _jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from tests.integration.runner_helpers import ENV, ROOT, demo_args as _common, jsonl as _jsonl, run as _run  # noqa: E402
 
 
 def _memory(db: Path, sample: str = "demo-1") -> dict:
     return json.loads((db / sample / "memory.json").read_text())
-
-
-def _common(srv: ScriptedServer, tmp: Path, *extra: str) -> list[str]:
-    return ["--dataset", "demo", "--provider", "openai", "--base-url", srv.base_url, "--api-key", "k",
-            "--db-path", str(tmp / "db"), "--output-dir", str(tmp / "run"), *extra]
 
 
 def _one_line_error(capsys) -> str:
