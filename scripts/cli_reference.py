@@ -29,6 +29,7 @@ CLIS = (
     ("python -m scripts.prepare_rl_data", "scripts.prepare_rl_data"),
     ("python -m training.reward_server.server", "training.reward_server.server"),
     ("python -m scripts.scripted_server", "scripts.scripted_server"),
+    ("python -m scripts.local_llm", "scripts.local_llm"),
     ("python -m scripts.bench.bench_runner", "scripts.bench.bench_runner"),
     ("python -m scripts.bench.bench_reward_server", "scripts.bench.bench_reward_server"),
     ("python -m scripts.bench.load_reward_server", "scripts.bench.load_reward_server"),
