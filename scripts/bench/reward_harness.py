@@ -99,6 +99,7 @@ class ProcessServer:
         self.lines: deque[str] = deque(maxlen=200)
 
     def start(self) -> "ProcessServer":
+        self.url = None  # a restart (after `kill`) reads its own READY line
         self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         ready = threading.Event()
@@ -147,9 +148,27 @@ class ProcessServer:
 
 
 def scripted_server_process(*, latency: float = 0.0, fail_500: float = 0.0, fail_429: float = 0.0,
-                            seed: int = 0) -> ProcessServer:
+                            seed: int = 0, port: int = 0, malformed: float = 0.0,
+                            malformed_prefix: str = "agent.") -> ProcessServer:
     return ProcessServer([sys.executable, "-m", "scripts.scripted_server", "--latency", str(latency),
-                          "--fail-500", str(fail_500), "--fail-429", str(fail_429), "--seed", str(seed)])
+                          "--fail-500", str(fail_500), "--fail-429", str(fail_429), "--seed", str(seed),
+                          "--port", str(port), "--malformed", str(malformed), "--malformed-prefix", malformed_prefix])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill(server: ProcessServer) -> None:
+    """Take a server away at once (SIGKILL): connections drop, the port refuses until it is started again."""
+    if server.proc is not None and server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+    server.proc = None
 
 
 def reward_server_process(state_root: str | os.PathLike, base_url: str, *, token: str | None = None,

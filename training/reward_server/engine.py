@@ -29,6 +29,8 @@ import os
 import time
 import uuid
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence
@@ -49,6 +51,17 @@ THREADED_SEARCH_MIN_VECTORS = 4096
 # A state folder holds a handful of files; one with more is not a state (and would make the confinement scan slow).
 MAX_STATE_FILES = 1000
 MAX_STATE_PATH_CHARS = 4096
+
+
+# CPU-bound Python (parsing outputs and bodies, applying actions) runs in ONE worker thread: each thread that competes
+# for the GIL delays the event loop's turn, so a second CPU thread would only add latency to /health, not
+# throughput. File and index loading (which mostly wait or run in C) use asyncio's default threads.
+_CPU_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward-cpu")
+
+
+async def run_cpu(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in the CPU worker thread, awaited without blocking the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(_CPU_POOL, partial(fn, *args, **kwargs))
 
 
 class RequestError(Exception):
@@ -441,7 +454,7 @@ class RewardEngine:
         try:
             self.check_request(req)
             path = await asyncio.to_thread(self.states.resolve, req.state_path)
-            actions, status = await asyncio.to_thread(validate_outputs, req.actions)
+            actions, status = await run_cpu(validate_outputs, req.actions)
             base = await self.states.get(path)
             result = await self._score(base, actions, status, req)
         except RequestError:
@@ -470,7 +483,7 @@ class RewardEngine:
     async def _score(self, base: MemorySystem, actions: dict[str, list[Action]], status: dict[str, AgentStatus],
                      req: TaskRequest) -> TaskResult:
         session_id = req.session_id or req.session_group_id
-        ms, applied = await asyncio.to_thread(self._prepare, base, actions, session_id)
+        ms, applied = await run_cpu(self._prepare, base, actions, session_id)
         questions = [str(q["question"]) for q in req.qa_pairs]
         new_texts = [e.tagged() for e in applied.new_entries]
         texts = list(dict.fromkeys(new_texts + (questions if ms.state.entries or applied.new_entries else [])))

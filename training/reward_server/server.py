@@ -44,7 +44,7 @@ import config
 from llm_client import AVAILABLE_PROVIDERS
 from memory_system import AGENTS
 from training.reward_server.engine import (EngineSettings, JointError, JointRendezvous, JointSample, RequestError,
-                                           RewardEngine, SparseOptions, TaskRequest, UpstreamError,
+                                           RewardEngine, SparseOptions, TaskRequest, UpstreamError, run_cpu,
                                            validate_outputs)
 
 log = logging.getLogger("reward_server")
@@ -324,7 +324,7 @@ def create_app(engine: RewardEngine, *, token: str | None = None, rendezvous: Jo
     async def request_model(request: Request, model: type[BaseModel]) -> Any:
         require_token(request)
         body = await read_body(request, max_body_bytes)
-        return await asyncio.to_thread(parse_body, body, model, max_qa)
+        return await run_cpu(parse_body, body, model, max_qa)
 
     @app.get("/health")
     async def health(request: Request):
@@ -366,7 +366,7 @@ def create_app(engine: RewardEngine, *, token: str | None = None, rendezvous: Jo
         sample = JointSample(req.session_group_id, req.agent, output, req.state_path, qa, dict(req.expert_outputs),
                              current_time=req.current_time, sample_key=req.sample_key, timeout_s=req.timeout_s,
                              sparse=sparse)
-        own = (await asyncio.to_thread(validate_outputs, {req.agent: output}))[1][req.agent]
+        own = (await run_cpu(validate_outputs, {req.agent: output}))[1][req.agent]
         # No grace here: on shutdown the rendezvous itself resolves every slot.
         outcome = await cancellable(request, rdv.submit(sample))
         return {**outcome.to_dict(), "agent": req.agent, "sample_key": sample.sample_key,
@@ -506,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
+    # A worker thread parsing a hostile output holds the GIL up to the switch interval each time the event loop
+    # wants it; 1 ms instead of 5 keeps /health and the other requests' I/O prompt.
+    sys.setswitchinterval(0.001)
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if not os.path.isdir(args.state_root):
         return _fail(f"--state-root {args.state_root!r} is not a folder")
