@@ -85,6 +85,23 @@ def default_responder(task: str, body: dict) -> str:
     return json.dumps({"ok": True})
 
 
+def grounded_responder(task: str, body: dict) -> str:
+    """Like `default_responder`, but answers only from the memories the answer prompt carries (the reply is the
+    retrieved block) and judges CORRECT only when the gold answer appears in the reply: the reward then depends on
+    what was built and retrieved, as a real one does."""
+    text = _user_text(body)
+    if task == "answer":
+        return text.split("Retrieved memories:", 1)[-1].split("\n\nCurrent date:", 1)[0].strip() or "Not answerable"
+    if task.startswith("judge"):
+        gold = _field(body, "Gold answer")
+        answer = text.split("Answer to grade: ", 1)[-1]
+        return json.dumps({"label": "CORRECT" if gold and gold.lower() in answer.lower() else "WRONG"})
+    return default_responder(task, body)
+
+
+RESPONDERS = {"default": default_responder, "grounded": grounded_responder}
+
+
 def hashed_embedding(text: str, dim: int) -> list[float]:
     vec = np.zeros(dim, dtype=np.float32)
     for tok in re.findall(r"[a-z0-9]+", text.lower()):
@@ -293,12 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tasks whose replies --malformed breaks (default agent.; judge. breaks verdicts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--responder", choices=sorted(RESPONDERS), default="default",
+                   help="default: fixed verdicts by question; grounded: answers from the retrieved memories, "
+                        "judged against the gold")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    srv = ScriptedServer(latency_s=args.latency, fail_500=args.fail_500, fail_429=args.fail_429,
+    srv = ScriptedServer(RESPONDERS[args.responder], latency_s=args.latency, fail_500=args.fail_500, fail_429=args.fail_429,
                          malformed=args.malformed, malformed_prefix=args.malformed_prefix, seed=args.seed,
                          embed_dim=args.embed_dim, host=args.host, port=args.port, keep_bodies=False).start()
     print(f"READY {srv.base_url}", flush=True)
