@@ -511,3 +511,48 @@ def test_9_local_mode_with_several_reward_workers_fails_at_once(state_root, llm,
     monkeypatch.setitem(sys.modules, "ray", FakeRay)
     with pytest.raises(ValueError, match="num_workers=1"):
         asyncio.run(rf.compute_score("m", "{}", None, info, task_reward_mode="local", local=local))
+
+
+def test_1_a_deep_but_decodable_output_object_is_a_validity_failure(server, state_root):
+    deep: dict = {"x": 1}
+    for _ in range(900):  # under Python's JSON recursion limit, so it reaches the model as an object
+        deep = {"a": deep}
+    bodies = [joint_body(state_root, "deepobj/1", a, deep if a == "episodic" else policy_outputs("d")[a])
+              for a in AGENTS]
+    responses = asyncio.run(joint_wave(server, bodies))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert responses[1].json()["own_status"] == "invalid"
+    r = post(server, "/build_and_qa", request_body(state_root, actions={"semantic": {"operations": [deep]}},
+                                                   qa_pairs=qa_pairs(1)))
+    assert r.status_code == 200 and r.json()["agents"]["semantic"]["status"] == "invalid"
+
+
+def test_4_routing_errors_have_a_reason_too(server):
+    r = httpx.get(server.url + "/nowhere")
+    assert r.status_code == 404 and r.json()["reason"]
+    r = httpx.get(server.url + "/build_and_qa", headers=AUTH)
+    assert r.status_code == 405 and r.json()["reason"]
+
+
+def test_7_joint_rollout_clients_going_away_cancel_its_scoring(state_root):
+    with ScriptedServer(memory_responder, latency_s=0.4) as slow:
+        with reward_server_process(state_root, slow.base_url, max_in_flight=2, token=TOKEN) as rs:
+            many = [{"question": f"What happened on day {i}?", "answer": "x"} for i in range(40)]
+            bodies = [joint_body(state_root, "gone/1", a, policy_outputs("g")[a], qa_pairs=many,
+                                 sample_key=f"gone-{a}") for a in AGENTS]
+
+            async def leave():
+                async with httpx.AsyncClient(timeout=1.0, headers=AUTH) as h:
+                    return await asyncio.gather(*(h.post(rs.url + "/joint_rollout", json=b) for b in bodies),
+                                                return_exceptions=True)
+
+            out = asyncio.run(leave())
+            assert all(isinstance(o, httpx.ReadTimeout) for o in out)
+            time.sleep(1.0)
+            n_after = len(slow.requests())
+            time.sleep(2.0)
+            n_later = len(slow.requests())
+            s = httpx.get(rs.url + "/stats", headers=AUTH).json()
+    assert n_later - n_after <= 2 and n_later < 12, (n_after, n_later)
+    assert s["rendezvous"]["cancelled"] == 1 and s["rendezvous"]["running"] == 0
+    assert s["engine"]["llm_slots"]["in_flight"] == 0

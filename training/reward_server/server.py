@@ -38,6 +38,7 @@ from typing import Any, Awaitable, Callable, Literal
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import config
@@ -258,8 +259,9 @@ def create_app(engine: RewardEngine, *, token: str | None = None, rendezvous: Jo
         """Checked before a byte of the body is read; an unread body that is not small closes the connection."""
         if token is None:
             return
-        big = (request.headers.get("content-length") or "0").strip()
-        close = not big.isdigit() or int(big) > 65536
+        declared = (request.headers.get("content-length") or "0").strip()
+        chunked = "chunked" in (request.headers.get("transfer-encoding") or "").lower()
+        close = chunked or not declared.isdigit() or int(declared) > 65536
         value = request.headers.get("authorization")
         if not value:
             raise ApiError(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"}, close=close)
@@ -325,6 +327,11 @@ def create_app(engine: RewardEngine, *, token: str | None = None, rendezvous: Jo
         require_token(request)
         body = await read_body(request, max_body_bytes)
         return await run_cpu(parse_body, body, model, max_qa)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # Routing errors (an unknown path, a wrong method) in the same JSON shape as every other error.
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.get("/health")
     async def health(request: Request):
