@@ -241,10 +241,12 @@ def main(argv: list[str] | None = None) -> int:
                                           seed=7).start()
             stats0 = httpx.get(rs.url + "/stats", headers=AUTH).json()
             cases = wave_cases(state, bad_paths, joints, builds)
-            stop = mp.Event()
-            parent, child = mp.Pipe()
-            poller = mp.Process(target=poll_health, args=(rs.url, stop, child), daemon=True)
+            ctx = mp.get_context("spawn")
+            stop = ctx.Event()
+            parent, child = ctx.Pipe()
+            poller = ctx.Process(target=poll_health, args=(rs.url, stop, child), daemon=True)
             poller.start()
+            time.sleep(1.0)  # the spawned interpreter imports httpx before it probes
             sampler.__enter__()
             load0, cpu0 = os.getloadavg()[0], (cpu_seconds(rs.pid), cpu_seconds(llm.pid))
             outage_log: dict[str, float] = {}

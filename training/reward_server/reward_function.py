@@ -456,7 +456,9 @@ async def compute_score(data_source: Any = None, solution_str: str = "", ground_
     cfg = _config_from_kwargs(kwargs)
     inputs = SampleInputs.from_extra_info(extra_info)
     joint = await joint_outcome(cfg, inputs, solution_str)
-    return score_sample(cfg, inputs.agent, solution_str, inputs.expert_outputs.get(inputs.agent), joint)
+    # Parsing a long hostile output takes a while (linear, capped): off veRL's event loop, which serves the batch.
+    return await asyncio.to_thread(score_sample, cfg, inputs.agent, solution_str,
+                                   inputs.expert_outputs.get(inputs.agent), joint)
 
 
 def compute_score_sync(data_source: Any = None, solution_str: str = "", ground_truth: Any = None,
