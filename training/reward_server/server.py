@@ -302,7 +302,8 @@ def create_app(engine: RewardEngine, *, token: str | None = None, rendezvous: Jo
     async def guarded(request: Request, handler: Callable[[Request], Awaitable[Any]]) -> Any:
         """Every outcome of a request as a JSON response: nothing reaches uvicorn as an exception."""
         try:
-            return await handler(request)
+            # Serialised here, inside the guard: a value JSON cannot hold fails this request, not the connection.
+            return JSONResponse(await handler(request))
         except ApiError as exc:
             err = exc
         except RequestError as exc:
@@ -311,9 +312,11 @@ def create_app(engine: RewardEngine, *, token: str | None = None, rendezvous: Jo
             err = ApiError(503, exc.reason, retryable=True)
         except JointError as exc:
             err = ApiError(exc.status, exc.reason, retryable=exc.retryable if exc.status >= 500 else None)
-        except (ClientGone, ClientDisconnect):
-            counters["disconnects"] += 1
+        except ClientGone:
             return error_response(499, "client closed the request", close=True)  # nobody reads it
+        except ClientDisconnect:  # gone while its body was being read
+            counters["disconnects"] += 1
+            return error_response(499, "client closed the request", close=True)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - a bug: say so, keep serving
