@@ -320,3 +320,17 @@ def test_sparse_options_are_validated():
                 {"default_reward": float("nan")}, {"seed": "x"}):
         with pytest.raises(ValueError):
             SparseOptions(**bad)
+
+
+def test_a_scored_slot_keeps_its_outcome_but_not_its_outputs():
+    """Keys are remembered for result_ttl_s; the outputs behind them (up to the body limit each) are not."""
+    async def run():
+        rdv = JointRendezvous(Recorder(), default_timeout_s=30)
+        subs = [sample("g", a, a, sample_key=f"g-{a}") for a in AGENTS]
+        outs = await asyncio.gather(*(rdv.submit(s) for s in subs))
+        again = await rdv.submit(sample("g", "core", "core", sample_key="g-core"))
+        return subs, outs, again
+
+    subs, outs, again = asyncio.run(run())
+    assert all(s.output is None and s.expert_outputs == {} for s in subs)
+    assert again.joint_id == outs[0].joint_id and again.task_reward == 0.6

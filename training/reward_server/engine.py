@@ -40,8 +40,8 @@ import numpy as np
 import config
 from eval.llm_judge import judge_answer
 from llm_client import ClientSettings, LLMCallError, LLMClient, SharedLimit
-from memory_system import (AGENTS, ENTRY_TYPES, Action, ActionFormatError, MemoryState, MemorySystem, Retrieved,
-                           apply, dominant_type, parse_actions)
+from memory_system import (AGENTS, ENTRY_TYPES, Action, ActionFormatError, MemorySystem, Retrieved, apply,
+                           dominant_type, parse_actions)
 
 log = logging.getLogger(__name__)
 
@@ -503,7 +503,8 @@ class RewardEngine:
         if any("compression failed" in n for n in core.notes):
             self._llm_failed("compress")
             raise UpstreamError(next(n for n in core.notes if "compression failed" in n))
-        ms.state = MemoryState(core=ms.state.core, entries=applied.state.entries)
+        applied.state.core = ms.state.core
+        ms.state = applied.state
         if applied.new_entries:
             new_vecs = np.vstack([table.vector(t) for t in new_texts]).astype(np.float32)
             await asyncio.to_thread(ms.index.add, new_vecs)
@@ -810,6 +811,10 @@ class JointRendezvous:
             future.set_result(result)
             if isinstance(result, JointError):
                 self.counters["failed"] += 1
+        if not (isinstance(result, JointError) and result.retryable):
+            # Final: a resubmission only reads the outcome, so the outputs need not be kept for `result_ttl_s`.
+            for m in slot.members.values():
+                m.output, m.expert_outputs, m.qa_pairs = None, {}, []
         expiry = time.monotonic() + self.result_ttl_s
         for m in slot.members.values():
             self._expiry.append((expiry, m.sample_key))
