@@ -25,7 +25,7 @@ import pytest
 from llm_client import LLMClient
 from memory_system import AGENTS, MemoryEntry, MemoryState, MemorySystem
 from scripts.bench.hostile_reward_server import poll_health
-from scripts.bench.reward_harness import (REPO, ProcessServer, free_port, kill, policy_outputs, qa_pairs,
+from scripts.bench.reward_harness import (REPO, free_port, kill, policy_outputs, qa_pairs,
                                           reward_server_process, scripted_server_process, session_actions, wait_for)
 from scripts.scripted_server import ScriptedServer
 from tests.integration.test_reward_server import _build, memory_responder, request_body
@@ -347,7 +347,7 @@ def test_6_an_llm_outage_fails_requests_retryably_and_counts_every_failed_call(s
                     async def one(i):
                         await asyncio.sleep(i * 0.05)
                         return await h.post(rs.url + "/build_and_qa", json={**body, "session_group_id": f"o{i}"})
-                    return await asyncio.gather(*(one(i) for i in range(80)))
+                    return await asyncio.gather(*(one(i) for i in range(140)))  # 7 s of arrivals
 
             def outage():
                 time.sleep(1.0)
