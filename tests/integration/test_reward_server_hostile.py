@@ -423,27 +423,25 @@ def test_7_client_disconnect_cancels_the_llm_work(state_root):
 
 # --------------------------------------------------------------------------- 8. SIGTERM resolves and exits
 
-def test_8_sigterm_scores_open_slots_with_the_expert_and_exits_within_10s(state_root):
-    with ScriptedServer(memory_responder, latency_s=1.0) as slow:
-        rs = reward_server_process(state_root, slow.base_url, max_in_flight=1,
+def _sigterm_with(state_root: Path, latency_s: float, calls: dict[str, tuple[str, dict]], *,
+                  ready=lambda rs: True) -> tuple[float, dict]:
+    """Start a reward server, make `calls` (name -> (path, body)) in threads, SIGTERM it once `ready(rs)`; returns
+    (seconds from SIGTERM to exit, name -> response or exception)."""
+    with ScriptedServer(memory_responder, latency_s=latency_s) as llm_:
+        rs = reward_server_process(state_root, llm_.base_url, max_in_flight=1,
                                    extra=["--rendezvous-timeout", "3600"]).start()
+        results: dict[str, httpx.Response | Exception] = {}
         try:
-            results: dict[str, httpx.Response | Exception] = {}
-
             def call(name: str, path: str, body: dict) -> None:
                 try:
                     results[name] = httpx.post(rs.url + path, json=body, timeout=60)
                 except Exception as exc:  # noqa: BLE001 - recorded for the assertion
                     results[name] = exc
 
-            waiting = joint_body(state_root, "term/1", "core", policy_outputs("t")["core"], qa_pairs=qa_pairs(1),
-                                 timeout_s=3600)
-            long = request_body(state_root, qa_pairs=[{"question": f"q {i}?", "answer": "x"} for i in range(20)])
-            threads = [threading.Thread(target=call, args=("slot", "/joint_rollout", waiting)),
-                       threading.Thread(target=call, args=("long", "/build_and_qa", long))]
+            threads = [threading.Thread(target=call, args=(n, p, b)) for n, (p, b) in calls.items()]
             for t in threads:
                 t.start()
-            assert wait_for(lambda: httpx.get(rs.url + "/stats").json()["rendezvous"]["open_slots"] == 1, 20)
+            assert wait_for(lambda: ready(rs), 20)
             time.sleep(0.5)
             t0 = time.perf_counter()
             rs.proc.send_signal(signal.SIGTERM)
@@ -453,17 +451,37 @@ def test_8_sigterm_scores_open_slots_with_the_expert_and_exits_within_10s(state_
                 t.join(timeout=30)
         finally:
             rs.stop()
-    print(f"\nSIGTERM to exit: {exit_s:.2f} s")
+    return exit_s, results
+
+
+def test_8_sigterm_scores_an_open_slot_with_the_expert_and_exits_within_10s(state_root):
+    """A sample whose partners never come (its slot would wait an hour) is scored at SIGTERM with the expert's
+    outputs in the three missing places, answered, and the server exits."""
+    waiting = joint_body(state_root, "term/1", "core", policy_outputs("t")["core"], qa_pairs=qa_pairs(2),
+                         timeout_s=3600)
+    exit_s, results = _sigterm_with(state_root, 0.05, {"slot": ("/joint_rollout", waiting)},
+                                    ready=lambda rs: httpx.get(rs.url + "/stats").json()["rendezvous"]
+                                    ["open_slots"] == 1)
+    print(f"\nSIGTERM to exit with an open slot: {exit_s:.2f} s")
     assert exit_s < 10
-    slot = results["slot"]
-    assert isinstance(slot, httpx.Response), slot
-    if slot.status_code == 200:  # scored within the grace with the expert in the three missing places
-        d = slot.json()
-        assert d["timed_out"] and [d["members"][a] for a in AGENTS] == ["policy", "expert", "expert", "expert"]
-    else:
-        assert slot.status_code == 503 and slot.json()["retryable"] is True
-    long_r = results["long"]
-    assert isinstance(long_r, httpx.Response) and long_r.status_code == 503 and long_r.json()["retryable"]
+    r = results["slot"]
+    assert isinstance(r, httpx.Response) and r.status_code == 200, r
+    d = r.json()
+    assert d["timed_out"] and [d["members"][a] for a in AGENTS] == ["policy", "expert", "expert", "expert"]
+    assert d["task"]["total"] == 2
+
+
+def test_8_sigterm_answers_long_work_retryably_and_exits_within_10s(state_root):
+    """A request whose LLM work outlives the grace (40 calls at 1 s, one at a time) is answered 503 retryable."""
+    long = request_body(state_root, qa_pairs=[{"question": f"q {i}?", "answer": "x"} for i in range(20)])
+    exit_s, results = _sigterm_with(state_root, 1.0, {"long": ("/build_and_qa", long)},
+                                    ready=lambda rs: httpx.get(rs.url + "/stats").json()["engine"]["llm_slots"]
+                                    ["in_flight"] == 1)
+    print(f"\nSIGTERM to exit with long work: {exit_s:.2f} s")
+    assert exit_s < 10
+    r = results["long"]
+    assert isinstance(r, httpx.Response) and r.status_code == 503 and r.json()["retryable"] is True
+    assert "shutting down" in r.json()["reason"]
 
 
 # --------------------------------------------------------------------------- 9. keys, confinement, exposure, workers
