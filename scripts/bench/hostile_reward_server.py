@@ -326,6 +326,8 @@ def wave_cases(state: str, bad_paths: dict, joints, builds) -> list[Case]:
     cases.append(Case("20,000-char question", "/build_and_qa",
                       body=bq(qa_pairs=[{"question": "q" * 20_000, "answer": "a"}]), expect={422}))
     cases.append(Case("unknown agent", "/joint_rollout", body=jr("u", agent="archivist"), expect={422}))
+    cases.append(Case("sample_key of another group", "/joint_rollout",  # a key the reference phase used
+                      body=jr("thief", sample_key="ref-" + joints[0][1]["sample_key"]), expect={422}))
     for i in range(3):
         cases.append(Case("client leaves after 0.3 s", "/build_and_qa", body=bq(session_group_id=f"leave{i}",
                                                                                qa_pairs=qa_pairs(5)),

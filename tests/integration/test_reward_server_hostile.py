@@ -584,3 +584,16 @@ def test_7_joint_rollout_clients_going_away_cancel_its_scoring(state_root):
     assert n_later - n_after <= 2 and n_later < 12, (n_after, n_later)
     assert s["rendezvous"]["cancelled"] == 1 and s["rendezvous"]["running"] == 0
     assert s["engine"]["llm_slots"]["in_flight"] == 0
+
+
+def test_zz_after_all_of_the_above_the_server_still_exits_on_sigterm(server):
+    """Last in this file: the server that took every hostile input above (which once made it ignore SIGTERM) has no
+    work left and exits promptly."""
+    s = stats(server)
+    assert s["rendezvous"]["open_slots"] == 0 and s["rendezvous"]["running"] == 0
+    assert s["engine"]["llm_slots"]["in_flight"] == 0
+    t0 = time.perf_counter()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(timeout=30)
+    assert time.perf_counter() - t0 < 10
+    assert "Exception in ASGI application" not in server.output()
