@@ -61,60 +61,126 @@ class LLMFatalError(LLMCallError):
 
 # --------------------------------------------------------------------------- JSON extraction
 
-_THINK_RE = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_FENCE_RE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+# Every agent, answer and judge reply goes through `extract_json`, and in RL the replies come from a policy that may
+# emit anything. So extraction is linear in the reply's length and refuses what no schema here needs: a reply over
+# MAX_REPLY_CHARS (the paper's 6,000-token response limit is about 24,000 characters) or a JSON value nested deeper
+# than MAX_JSON_DEPTH (the deepest schema, a MERGE's `old_memories`, needs 4).
+MAX_REPLY_CHARS = 65536
+MAX_JSON_DEPTH = 32
+
+_THINK_RE = re.compile(r"<(/?)think>", re.IGNORECASE)  # one tag; pairs are matched by `strip_reasoning`
+_FENCE_RE = re.compile(r"```(?:json|JSON)?[ \t]*\n?")  # an opening or closing code fence
 
 
 def strip_reasoning(text: str) -> str:
-    text = _THINK_RE.sub("", text)
-    if "</think>" in text:  # an opening tag lost to truncation of the prompt template
-        text = text.split("</think>", 1)[1]
+    """The text without `<think>...</think>` blocks (a block runs to the first closing tag after its opening one),
+    and without everything up to a closing tag whose opening tag was lost to the prompt template."""
+    kept: list[str] = []
+    pos, open_at = 0, None
+    for m in _THINK_RE.finditer(text):
+        if m.group(1):  # closing tag
+            if open_at is not None:
+                kept.append(text[pos:open_at])
+                pos, open_at = m.end(), None
+        elif open_at is None:
+            open_at = m.start()
+    kept.append(text[pos:])
+    text = "".join(kept)
+    closing = _THINK_RE.search(text)
+    while closing is not None and not closing.group(1):
+        closing = _THINK_RE.search(text, closing.end())
+    if closing is not None:
+        text = text[closing.end():]
     return text.strip()
 
 
+def fenced_block(text: str) -> str | None:
+    """The content of the first complete ``` code fence, or None."""
+    opening = _FENCE_RE.search(text)
+    if opening is None:
+        return None
+    end = text.find("```", opening.end())
+    return text[opening.end():end] if end != -1 else None
+
+
 def _first_balanced_object(text: str) -> str | None:
+    """The first `{...}` whose braces balance (braces inside JSON strings ignored), in one pass.
+
+    Scanning from the first `{`: if it closes, that is the object; if it never does, the earliest `{` that did
+    close (an object inside an unfinished one, or after stray prose braces) is taken instead."""
     start = text.find("{")
-    while start != -1:
-        depth, in_str, esc = 0, False, False
-        for i in range(start, len(text)):
-            ch = text[i]
-            if in_str:
-                if esc:
-                    esc = False
-                elif ch == "\\":
-                    esc = True
-                elif ch == '"':
-                    in_str = False
+    if start == -1:
+        return None
+    stack: list[int] = []
+    best: tuple[int, int] | None = None
+    in_str = esc = False
+    for i in range(start, len(text)):
+        ch = text[i]
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
             elif ch == '"':
-                in_str = True
-            elif ch == "{":
-                depth += 1
-            elif ch == "}":
-                depth -= 1
-                if depth == 0:
-                    return text[start:i + 1]
-        start = text.find("{", start + 1)
-    return None
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            opened = stack.pop()
+            if not stack:
+                return text[opened:i + 1]
+            if best is None or opened < best[0]:
+                best = (opened, i + 1)
+    return text[best[0]:best[1]] if best else None
+
+
+def json_depth(text: str) -> int:
+    """How deeply `{`/`[` nest in JSON text (brackets inside strings ignored), in one pass."""
+    depth = deepest = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "{[":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "}]":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def extract_json(text: str) -> Any:
     """The first JSON object in an LLM reply: reasoning and code fences stripped, light repair as a last resort.
 
-    Raises ValueError when no object can be recovered.
+    Raises ValueError when no object can be recovered, and for a reply over MAX_REPLY_CHARS or nested deeper than
+    MAX_JSON_DEPTH.
     """
     if not isinstance(text, str):
         raise ValueError("output is not text")
+    if len(text) > MAX_REPLY_CHARS:
+        raise ValueError(f"output is {len(text)} characters, over the {MAX_REPLY_CHARS}-character cap")
     body = strip_reasoning(text)
-    fenced = _FENCE_RE.search(body)
-    candidates = [fenced.group(1).strip()] if fenced else []
+    fenced = fenced_block(body)
+    candidates = [fenced.strip()] if fenced is not None else []
     candidates.append(body)
     for cand in candidates:
         obj_text = _first_balanced_object(cand)
         if obj_text is None:
             continue
+        if json_depth(obj_text) > MAX_JSON_DEPTH:
+            raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             return json.loads(obj_text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             pass
         try:
             import json_repair

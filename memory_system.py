@@ -22,7 +22,7 @@ import numpy as np
 
 import config
 import prompts
-from llm_client import LLMCallError, LLMClient, extract_json
+from llm_client import MAX_REPLY_CHARS, LLMCallError, LLMClient, extract_json
 from memory_store import (MemoryStoreError, SessionLog, atomic_write_text, read_faiss_index,  # noqa: F401
                           read_memory_file, write_faiss_index)
 
@@ -106,6 +106,17 @@ def actions_to_output(agent: str, actions: Sequence[Action]) -> dict:
     return {"operations": [a.to_dict() for a in actions]}
 
 
+# An agent's output is untrusted (in RL it is whatever the policy emits): parsing it raises ActionFormatError and
+# nothing else, takes time linear in its length, and caps what it accepts. The text cap is extract_json's
+# (MAX_REPLY_CHARS, well above the paper's 6,000-token response limit); an output given as parsed JSON is held to
+# the same number of characters over the fields it writes. MAX_OPERATIONS bounds one entry agent's list: an expert
+# session writes a few dozen at most.
+MAX_OPERATIONS = 256
+# The top-level keys an output may have (the paper's rule: only that agent's allowed actions with their fields).
+_TOP_LEVEL_KEYS = {"core": frozenset({"operation", "content", "old_text", "new_text"})}
+_ENTRY_TOP_LEVEL_KEYS = frozenset({"operations"})
+
+
 def _req_str(agent: str, item: dict, key: str, where: str, *, allow_empty: bool = False) -> str:
     value = item.get(key)
     if not isinstance(value, str):
@@ -116,9 +127,31 @@ def _req_str(agent: str, item: dict, key: str, where: str, *, allow_empty: bool 
 
 
 def parse_actions(agent: str, raw: str | dict) -> list[Action]:
-    """Validate one agent's output. Returns its actions (possibly none) or raises ActionFormatError."""
-    if agent not in ALLOWED_ACTIONS:
-        raise ActionFormatError(agent, f"unknown agent (expected one of {', '.join(AGENTS)})")
+    """Validate one agent's output. Returns its actions (possibly none) or raises ActionFormatError (only that,
+    whatever the input)."""
+    try:
+        actions = _parse_actions(agent, raw)
+    except ActionFormatError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - RecursionError, MemoryError, a type no check foresaw: all invalid
+        raise ActionFormatError(str(agent)[:40], f"unparseable output ({type(exc).__name__})") from None
+    written = sum(len(a.written_text()) + len(a.old_text or a.old_memory or "") +
+                  sum(len(o) for o in a.old_memories or ()) for a in actions)
+    if written > MAX_REPLY_CHARS:
+        raise ActionFormatError(agent, f"output writes {written} characters, over the {MAX_REPLY_CHARS}-character cap")
+    return actions
+
+
+def _no_unknown_keys(agent: str, obj: dict) -> None:
+    unknown = [k for k in obj if k not in _TOP_LEVEL_KEYS.get(agent, _ENTRY_TOP_LEVEL_KEYS)]
+    if unknown:
+        names = ", ".join(repr(str(k)[:40]) for k in unknown[:5])
+        raise ActionFormatError(agent, f"unknown top-level key(s) {names}")
+
+
+def _parse_actions(agent: str, raw: str | dict) -> list[Action]:
+    if not isinstance(agent, str) or agent not in ALLOWED_ACTIONS:
+        raise ActionFormatError(str(agent)[:40], f"unknown agent (expected one of {', '.join(AGENTS)})")
     if isinstance(raw, str):
         try:
             obj = extract_json(raw)
@@ -136,7 +169,8 @@ def parse_actions(agent: str, raw: str | dict) -> list[Action]:
             raise ActionFormatError(agent, "missing 'operation' (one of APPEND, REPLACE, REWRITE)")
         op = op.strip().upper()
         if op not in allowed:
-            raise ActionFormatError(agent, f"operation {op!r} is not allowed (allowed: {', '.join(allowed)})")
+            raise ActionFormatError(agent, f"operation {op[:40]!r} is not allowed (allowed: {', '.join(allowed)})")
+        _no_unknown_keys(agent, obj)
         if op == "REPLACE":
             return [Action(agent, op, old_text=_req_str(agent, obj, "old_text", op),
                            new_text=_req_str(agent, obj, "new_text", op, allow_empty=True))]
@@ -145,6 +179,9 @@ def parse_actions(agent: str, raw: str | dict) -> list[Action]:
     ops = obj.get("operations")
     if not isinstance(ops, list):
         raise ActionFormatError(agent, "missing 'operations' list")
+    _no_unknown_keys(agent, obj)
+    if len(ops) > MAX_OPERATIONS:
+        raise ActionFormatError(agent, f"{len(ops)} operations, over the cap of {MAX_OPERATIONS}")
     out: list[Action] = []
     for i, item in enumerate(ops):
         where = f"operations[{i}]"
@@ -155,7 +192,8 @@ def parse_actions(agent: str, raw: str | dict) -> list[Action]:
             raise ActionFormatError(agent, f"{where}: missing 'action'")
         op = op.strip().upper()
         if op not in allowed:
-            raise ActionFormatError(agent, f"{where}: action {op!r} is not allowed (allowed: {', '.join(allowed)})")
+            raise ActionFormatError(agent, f"{where}: action {op[:40]!r} is not allowed "
+                                           f"(allowed: {', '.join(allowed)})")
         where = f"{where} {op}"
         if op == "ADD":
             out.append(Action(agent, op, memory=_req_str(agent, item, "memory", where)))
@@ -164,13 +202,14 @@ def parse_actions(agent: str, raw: str | dict) -> list[Action]:
                               new_memory=_req_str(agent, item, "new_memory", where)))
         elif op == "MERGE":
             olds = item.get("old_memories")
-            if not isinstance(olds, list) or not olds or not all(isinstance(o, str) and o.strip() for o in olds):
+            if not isinstance(olds, list) or not olds or len(olds) > MAX_OPERATIONS or \
+                    not all(isinstance(o, str) and o.strip() for o in olds):
                 raise ActionFormatError(agent, f"{where}: 'old_memories' must be a non-empty list of strings")
             out.append(Action(agent, op, old_memories=tuple(o.strip() for o in olds),
                               new_memory=_req_str(agent, item, "new_memory", where)))
         else:  # SKIP
             reason = item.get("reason")
-            out.append(Action(agent, op, reason=reason if isinstance(reason, str) else None))
+            out.append(Action(agent, op, reason=reason[:MAX_REPLY_CHARS] if isinstance(reason, str) else None))
     return out
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llm_client import _FENCE_RE, _first_balanced_object, extract_json, strip_reasoning  # noqa: E402
+from llm_client import _first_balanced_object, extract_json, fenced_block, strip_reasoning  # noqa: E402
 from memory_store import StoreError, atomic_write_text, check_output_file  # noqa: E402
 from memory_system import AGENTS, ActionFormatError, parse_actions  # noqa: E402
 from training import trajectories as tj  # noqa: E402
@@ -66,8 +66,8 @@ def expert_json_text(agent: str, raw: str | None) -> tuple[str, str]:
     except json.JSONDecodeError:
         pass
     body = strip_reasoning(raw)
-    fenced = _FENCE_RE.search(body)
-    for cand in ([fenced.group(1)] if fenced else []) + [body]:
+    fenced = fenced_block(body)
+    for cand in ([fenced] if fenced is not None else []) + [body]:
         obj_text = _first_balanced_object(cand)
         if obj_text is None:
             continue

@@ -3,7 +3,9 @@
 FastAPI + uvicorn serving `/v1/chat/completions`, `/v1/embeddings` and `/v1/models`. A responder
 `fn(task, body) -> str` scripts each completion's content (the task comes from the `X-MemBuilder-Task` header
 our client sends); latency and faults (HTTP 500, HTTP 429, malformed JSON content) are injected with a seeded
-generator; every request is logged so tests can assert on what was sent and answered.
+generator; every request is logged so tests can assert on what was sent and answered. An outage can be scripted:
+`unavailable(seconds)` (or `POST /_control/unavailable?seconds=S`) answers every request HTTP 503 for that long; to
+take it away entirely, run it as a process and kill it (restart it on the same `--port`).
 
 In process:   with ScriptedServer(latency_s=0.1) as srv: client = LLMClient(provider="openai", base_url=srv.base_url)
 As a process: python -m scripts.scripted_server --latency 0.1 --fail-500 0.1 --port 0   (prints "READY <base_url>")
@@ -83,6 +85,23 @@ def default_responder(task: str, body: dict) -> str:
     return json.dumps({"ok": True})
 
 
+def grounded_responder(task: str, body: dict) -> str:
+    """Like `default_responder`, but answers only from the memories the answer prompt carries (the reply is the
+    retrieved block) and judges CORRECT only when the gold answer appears in the reply: the reward then depends on
+    what was built and retrieved, as a real one does."""
+    text = _user_text(body)
+    if task == "answer":
+        return text.split("Retrieved memories:", 1)[-1].split("\n\nCurrent date:", 1)[0].strip() or "Not answerable"
+    if task.startswith("judge"):
+        gold = _field(body, "Gold answer")
+        answer = text.split("Answer to grade: ", 1)[-1]
+        return json.dumps({"label": "CORRECT" if gold and gold.lower() in answer.lower() else "WRONG"})
+    return default_responder(task, body)
+
+
+RESPONDERS = {"default": default_responder, "grounded": grounded_responder}
+
+
 def hashed_embedding(text: str, dim: int) -> list[float]:
     vec = np.zeros(dim, dtype=np.float32)
     for tok in re.findall(r"[a-z0-9]+", text.lower()):
@@ -132,6 +151,7 @@ class ScriptedServer:
         self.max_in_flight = 0
         self._server = None
         self._thread: threading.Thread | None = None
+        self._down_until = 0.0
         self.app = self._make_app()
 
     # ------------------------------------------------------------------ app
@@ -153,7 +173,14 @@ class ScriptedServer:
         code = self.fail_tasks.get(task, self.fail_tasks.get("*"))
         return f"task:{code}" if code else None
 
+    def unavailable(self, seconds: float) -> None:
+        """Answer every request HTTP 503 for the next `seconds` (an outage behind a load balancer)."""
+        with self._lock:
+            self._down_until = time.monotonic() + max(0.0, seconds)
+
     def _fault(self) -> str | None:
+        if time.monotonic() < self._down_until:
+            return "503"
         d = self._draw()
         if d < self.fail_500:
             return "500"
@@ -168,10 +195,17 @@ class ScriptedServer:
             if kind.startswith("task:"):
                 code = int(kind.split(":", 1)[1])
                 return JSONResponse({"error": {"message": f"scripted failure HTTP {code}", "type": "scripted"}}, code)
+            if kind == "503":
+                return JSONResponse({"error": {"message": "scripted outage", "type": "unavailable"}}, 503)
             if kind == "500":
                 return JSONResponse({"error": {"message": "injected server error", "type": "server_error"}}, 500)
             return JSONResponse({"error": {"message": "injected rate limit", "type": "rate_limit"}}, 429,
                                 headers={"retry-after": "0"})
+
+        @app.post("/_control/unavailable")
+        async def control_unavailable(seconds: float = 0.0):
+            self.unavailable(seconds)
+            return {"unavailable_s": seconds}
 
         @app.get("/v1/models")
         async def models():
@@ -289,16 +323,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fail-500", type=float, default=0.0, help="fraction of requests answered HTTP 500")
     p.add_argument("--fail-429", type=float, default=0.0, help="fraction of requests answered HTTP 429")
     p.add_argument("--malformed", type=float, default=0.0, help="fraction of agent replies with broken JSON")
+    p.add_argument("--malformed-prefix", default="agent.",
+                   help="tasks whose replies --malformed breaks (default agent.; judge. breaks verdicts)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--embed-dim", type=int, default=64)
+    p.add_argument("--responder", choices=sorted(RESPONDERS), default="default",
+                   help="default: fixed verdicts by question; grounded: answers from the retrieved memories, "
+                        "judged against the gold")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    srv = ScriptedServer(latency_s=args.latency, fail_500=args.fail_500, fail_429=args.fail_429,
-                         malformed=args.malformed, seed=args.seed, embed_dim=args.embed_dim, host=args.host,
-                         port=args.port, keep_bodies=False).start()
+    srv = ScriptedServer(RESPONDERS[args.responder], latency_s=args.latency, fail_500=args.fail_500, fail_429=args.fail_429,
+                         malformed=args.malformed, malformed_prefix=args.malformed_prefix, seed=args.seed,
+                         embed_dim=args.embed_dim, host=args.host, port=args.port, keep_bodies=False).start()
     print(f"READY {srv.base_url}", flush=True)
     try:
         while True:

@@ -99,6 +99,7 @@ class ProcessServer:
         self.lines: deque[str] = deque(maxlen=200)
 
     def start(self) -> "ProcessServer":
+        self.url = None  # a restart (after `kill`) reads its own READY line
         self.proc = subprocess.Popen(self.argv, cwd=self.cwd, env=self.env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, bufsize=1)
         ready = threading.Event()
@@ -147,9 +148,28 @@ class ProcessServer:
 
 
 def scripted_server_process(*, latency: float = 0.0, fail_500: float = 0.0, fail_429: float = 0.0,
-                            seed: int = 0) -> ProcessServer:
+                            seed: int = 0, port: int = 0, malformed: float = 0.0,
+                            malformed_prefix: str = "agent.", responder: str = "default") -> ProcessServer:
     return ProcessServer([sys.executable, "-m", "scripts.scripted_server", "--latency", str(latency),
-                          "--fail-500", str(fail_500), "--fail-429", str(fail_429), "--seed", str(seed)])
+                          "--fail-500", str(fail_500), "--fail-429", str(fail_429), "--seed", str(seed),
+                          "--port", str(port), "--malformed", str(malformed), "--malformed-prefix", malformed_prefix,
+                          "--responder", responder])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill(server: ProcessServer) -> None:
+    """Take a server away at once (SIGKILL): connections drop, the port refuses until it is started again."""
+    if server.proc is not None and server.proc.poll() is None:
+        server.proc.kill()
+        server.proc.wait(timeout=10)
+    server.proc = None
 
 
 def reward_server_process(state_root: str | os.PathLike, base_url: str, *, token: str | None = None,
@@ -159,7 +179,7 @@ def reward_server_process(state_root: str | os.PathLike, base_url: str, *, token
     argv = [sys.executable, "-m", "training.reward_server.server", "--host", "127.0.0.1", "--port", "0",
             "--state-root", str(state_root), "--provider", "openai", "--base-url", base_url, "--api-key", "test",
             "--embedding-base-url", base_url, "--embedding-api-key", "test", "--max-in-flight", str(max_in_flight),
-            "--log-level", "warning", *extra]
+            "--log-level", os.environ.get("REWARD_BENCH_LOG_LEVEL", "warning"), *extra]
     e = {"REWARD_SERVER_TOKEN": token or "", "OPENAI_API_KEY": "", "OPENAI_BASE_URL": "",
          "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **(env or {})}
     return ProcessServer(argv, env=e)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -97,9 +98,10 @@ def request_body(state_root: Path, **over) -> dict:
 
 def test_health_needs_no_token_but_everything_else_does(server):
     r = httpx.get(server.url + "/health")
-    assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert r.json()["answer"].endswith("gpt-4.1-mini") and r.json()["judge"].endswith("gpt-4.1")
-    assert r.json()["answer_top_k"] == 10
+    assert r.status_code == 200 and r.json() == {"status": "ok"}  # nothing about the setup without the token
+    d = httpx.get(server.url + "/health", headers=AUTH).json()
+    assert d["answer"].endswith("gpt-4.1-mini") and d["judge"].endswith("gpt-4.1")
+    assert d["answer_top_k"] == 10 and "state_root" in d
     assert post(server, "/build_and_qa", {}, headers={}).status_code == 401
     assert post(server, "/build_and_qa", {}, headers={"Authorization": "Bearer nope"}).status_code == 403
     assert post(server, "/build_and_qa", {}, headers={"Authorization": TOKEN}).status_code == 403
@@ -108,13 +110,17 @@ def test_health_needs_no_token_but_everything_else_does(server):
 
 
 def test_start_script_passes_the_token(state_root):
+    """The script runs the interpreter named by PYTHON (here the one running the tests), not whatever `python` is
+    first on PATH."""
     script = REPO / "training" / "reward_server" / "start_server.sh"
     with ProcessServer(["bash", str(script), "--port", "0", "--provider", "offline", "--state-root", str(state_root),
-                        "--", "--log-level", "warning"], env={"REWARD_SERVER_TOKEN": "from-env"}) as srv:
+                        "--", "--log-level", "warning"],
+                       env={"REWARD_SERVER_TOKEN": "from-env", "PYTHON": sys.executable}) as srv:
         assert srv.url.startswith("http://127.0.0.1:")
-        assert httpx.get(srv.url + "/health").json()["answer"] == "offline/offline-baseline"
+        auth = {"Authorization": "Bearer from-env"}
+        assert httpx.get(srv.url + "/health", headers=auth).json()["answer"] == "offline/offline-baseline"
         assert httpx.get(srv.url + "/stats").status_code == 401
-        assert httpx.get(srv.url + "/stats", headers={"Authorization": "Bearer from-env"}).status_code == 200
+        assert httpx.get(srv.url + "/stats", headers=auth).status_code == 200
 
 
 def test_end_to_end_reward(server, state_root, llm):
@@ -392,18 +398,19 @@ def test_in_flight_bound_holds(state_root, tmp_path):
         assert slots["bound"] == 3 and slots["peak"] == 3 and slots["in_flight"] == 0 and slots["busy_slot_s"] > 0
 
 
-def test_faults_under_load_every_request_rewarded(state_root):
-    """60 concurrent requests while the LLM server answers 10% HTTP 500 and 10% 429: every request gets a reward
-    (failed questions marked as such), the reward server never answers 500, its memory stays bounded."""
+def test_faults_under_load_never_a_wrong_reward(server, state_root):
+    """60 concurrent requests, twice, while the LLM server answers 10% HTTP 500 and 10% 429: every request is
+    answered 200 with the reward the same request gets without faults, or 503 `retryable` when a call still failed
+    after the client's retries; the reward server never answers 500, its memory stays bounded."""
+    body = request_body(state_root)
+    clean = post(server, "/build_and_qa", body).json()
     with ScriptedServer(memory_responder, fail_500=0.1, fail_429=0.1, seed=3) as faulty:
         with reward_server_process(state_root, faulty.base_url, max_in_flight=16,
                                    extra=["--max-retries", "2"]) as rs:
             async def wave(n: int, tag: str):
                 async with httpx.AsyncClient(timeout=300) as h:
-                    body = request_body(state_root)
                     return await asyncio.gather(*(h.post(rs.url + "/build_and_qa", json={
-                        **body, "session_group_id": f"{tag}{i}", "actions": policy_outputs(f"{tag}{i}")})
-                        for i in range(n)))
+                        **body, "session_group_id": f"{tag}{i}"}) for i in range(n)))
 
             first = asyncio.run(wave(60, "a"))
             mem1 = httpx.get(rs.url + "/stats").json()["memory"]
@@ -411,20 +418,22 @@ def test_faults_under_load_every_request_rewarded(state_root):
             stats = httpx.get(rs.url + "/stats").json()
         injected = {s: len(faulty.requests(status=s)) for s in (500, 429)}
     responses = first + second
-    assert [r.status_code for r in responses] == [200] * 120
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and codes.count(200) > 90
     assert injected[500] > 20 and injected[429] > 20
-    docs = [r.json() for r in responses]
-    failed = [q for d in docs for q in d["qa_results"] if q["failed"]]
-    for d in docs:
-        assert 0.0 <= d["task_reward"] <= 1.0 and d["total"] == 5
-        assert d["fallback"] == (d["failed_questions"] > 0 or d["error"] is not None)
-    for q in failed:  # the documented fallback: counted wrong, marked failed, reason given
-        assert q["verdict"] == "WRONG" and not q["correct"] and q["error"]
-    # With only 2 retries, 20% faults leave some questions failed; most still succeed.
-    assert len(failed) < 0.25 * 600
+    for r in responses:
+        d = r.json()
+        if r.status_code == 503:
+            assert d["retryable"] is True and d["reason"]
+            continue
+        assert d["task_reward"] == clean["task_reward"] and d["correct"] == clean["correct"]
+        assert d["failed_questions"] == 0 and not any(q["failed"] for q in d["qa_results"])
+    # Every request that failed is accounted for by a counted LLM failure.
+    failures = stats["engine"]["llm_failures"]
+    assert failures["total"] >= codes.count(503) == stats["engine"]["upstream_failures"]
     assert stats["engine"]["state_cache"]["size"] == 1
     mem2 = stats["memory"]
-    print(f"\nreward server under faults: {injected} injected, {len(failed)} failed questions of 600, "
+    print(f"\nreward server under faults: {injected} injected, {codes.count(503)} of 120 requests retryable 503, "
           f"rss {mem1['rss_mb']} -> {mem2['rss_mb']} MB, peak {mem2['peak_rss_mb']} MB")
     assert mem2["peak_rss_mb"] < 1024
     assert mem2["rss_mb"] - mem1["rss_mb"] < 64  # a second wave does not grow it
@@ -476,11 +485,12 @@ def test_transport_retries_rate_limits_and_server_errors(state_root, transport):
     assert all(r.failed_questions == 0 and r.correct == 4 and r.error is None for r in results)
 
 
-def test_unreachable_llm_server_gives_the_marked_fallback(state_root):
-    """Nothing listens on the LLM port: the request still gets its reward (0.0), every question marked failed."""
+def test_unreachable_llm_server_fails_retryably(state_root):
+    """Nothing listens on the LLM port: the request fails with UpstreamError (the server's 503 retryable), never a
+    reward of 0 from WRONG questions; the failed call is counted."""
     import socket
 
-    from training.reward_server.engine import EngineSettings, RewardEngine, TaskRequest
+    from training.reward_server.engine import EngineSettings, RewardEngine, TaskRequest, UpstreamError
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -494,7 +504,6 @@ def test_unreachable_llm_server_gives_the_marked_fallback(state_root):
         finally:
             await engine.aclose()
 
-    result = asyncio.run(go())
-    assert result.task_reward == 0.0 and result.failed_questions == 3 and result.fallback
-    assert result.error.startswith("embedding failed") and all(q.failed and q.error for q in result.qa_results)
-    assert result.to_dict()["success"] is True
+    with pytest.raises(UpstreamError, match="embedding failed"):
+        asyncio.run(go())
+    assert engine.stats()["llm_failures"]["embed"] == 1 and engine.counters["upstream_failures"] == 1

@@ -27,7 +27,9 @@ returns the same keys); `attribution_weight` is what the ADRPO advantage reads.
 import asyncio
 import json
 import logging
+import math
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass, field, fields
@@ -45,6 +47,11 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("reward_config.json")
 CONFIG_ENV = "MEMBUILDER_REWARD_CONFIG"
 NO_TYPE = "none"  # dominant_type when nothing was retrieved (veRL stores strings; None would mix types)
+
+
+LOCAL_WORKERS_ERROR = ("task_reward_mode 'local' needs reward.num_workers=1 (got {n}): veRL spreads a session's four "
+                       "agents over its reward workers, and each worker's in-process rendezvous would only see some "
+                       "of them; use task_reward_mode 'api' with the reward server instead")
 
 
 class RewardServerError(RuntimeError):
@@ -83,10 +90,29 @@ class RewardConfig:
     api_retry_backoff_s: float = 2.0
     # `local` mode: EngineSettings fields (provider, model, judge_model, base_url, state_root, max_in_flight, ...).
     local: dict = field(default_factory=dict)
+    # veRL's reward.num_workers, for the local-mode check: pass
+    # +reward.custom_reward_function.reward_kwargs.reward_num_workers=${reward.num_workers}
+    reward_num_workers: int | None = None
 
     def __post_init__(self) -> None:
         if self.task_reward_mode not in ("api", "local"):
             raise ValueError(f"task_reward_mode must be 'api' or 'local', not {self.task_reward_mode!r}")
+        for name, lo, hi in (("sparse_default_reward", 0.0, 1.0), ("sparse_reward_drop_rate", 0.0, 1.0),
+                             ("expert_length_penalty_weight", 0.0, 1.0), ("attribution_boost_factor", 0.0, 1e6),
+                             ("rendezvous_timeout_s", 0.0, 86400.0), ("api_retry_backoff_s", 0.0, 3600.0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+                raise ValueError(f"{name} must be a number within [{lo:g}, {hi:g}], not {v!r}")
+        if self.api_timeout_s is not None and (isinstance(self.api_timeout_s, bool) or
+                                               not isinstance(self.api_timeout_s, (int, float)) or
+                                               not math.isfinite(self.api_timeout_s) or self.api_timeout_s <= 0):
+            raise ValueError(f"api_timeout_s must be a positive number or null, not {self.api_timeout_s!r}")
+        if isinstance(self.api_max_retries, bool) or not isinstance(self.api_max_retries, int) or \
+                not 0 <= self.api_max_retries <= 100:
+            raise ValueError(f"api_max_retries must be an integer within [0, 100], not {self.api_max_retries!r}")
+        if self.task_reward_mode == "local" and self.reward_num_workers is not None and \
+                int(self.reward_num_workers) > 1:
+            raise ValueError(LOCAL_WORKERS_ERROR.format(n=self.reward_num_workers))
         if not self.core_length_start_penalty < self.core_length_max_penalty:
             raise ValueError("core_length_start_penalty must be below core_length_max_penalty")
         if not (self.other_length_lower_min_ratio < self.other_length_lower_tolerance
@@ -318,7 +344,13 @@ async def _close_http_client() -> None:
         await hit[1].aclose()
 
 
+def _backoff_s(cfg: RewardConfig, attempt: int) -> float:
+    return min(60.0, cfg.api_retry_backoff_s * 2 ** attempt)
+
+
 async def _joint_via_api(cfg: RewardConfig, body: dict) -> dict:
+    """POST /joint_rollout, retried (same sample key, so a retry re-attaches to its joint rollout) on transport
+    errors, 429 and answers marked `retryable`; any other refusal raises at once."""
     import httpx
 
     url = cfg.memory_api_url.rstrip("/") + "/joint_rollout"
@@ -335,32 +367,70 @@ async def _joint_via_api(cfg: RewardConfig, body: dict) -> dict:
             if resp.status_code == 200:
                 return resp.json()
             try:
-                reason = resp.json().get("reason") or resp.text[:300]
+                doc = resp.json()
             except ValueError:
-                reason = resp.text[:300]
-            if resp.status_code < 500 and resp.status_code != 429:
+                doc = {}
+            doc = doc if isinstance(doc, dict) else {}
+            reason = str(doc.get("reason") or resp.text[:300])
+            retryable = doc.get("retryable")
+            if retryable is None:  # not our server's JSON (a proxy, a restart): 5xx and 429 may pass
+                retryable = resp.status_code >= 500 or resp.status_code == 429
+            if not retryable:
                 raise RewardServerError(f"reward server refused the sample (HTTP {resp.status_code}): {reason}")
             last = f"HTTP {resp.status_code}: {reason}"
         if attempt < cfg.api_max_retries:
-            await asyncio.sleep(min(60.0, cfg.api_retry_backoff_s * 2 ** attempt))
+            await asyncio.sleep(_backoff_s(cfg, attempt))
     raise RewardServerError(f"reward server at {url} unreachable after {cfg.api_max_retries + 1} attempts: {last}")
 
 
+def _reward_worker_index() -> int | None:
+    """The index of the veRL reward-loop worker (a Ray actor named reward_loop_worker_<i>) this process is, if any."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return None
+    try:
+        name = ray.get_runtime_context().get_actor_name()
+    except Exception:  # noqa: BLE001 - not in a Ray actor, or an older Ray
+        return None
+    m = re.fullmatch(r"reward_loop_worker_(\d+)", name or "")
+    return int(m.group(1)) if m else None
+
+
 async def _joint_local(cfg: RewardConfig, body: dict) -> dict:
-    from training.reward_server.engine import (EngineSettings, JointSample, SparseOptions, StatePathError,
+    from training.reward_server.engine import (EngineSettings, JointError, JointSample, RequestError, SparseOptions,
                                                local_rendezvous)
 
+    index = _reward_worker_index()
+    if index is not None and index > 0:  # a second worker exists: reward.num_workers > 1
+        raise ValueError(LOCAL_WORKERS_ERROR.format(n=f"at least {index + 1}"))
     settings = EngineSettings(**{"rendezvous_timeout_s": cfg.rendezvous_timeout_s, **cfg.local})
     engine, rdv = local_rendezvous(settings)
     try:
-        engine.states.resolve(body["state_path"])
-    except StatePathError as exc:
+        await asyncio.to_thread(engine.states.resolve, body["state_path"])
+        engine.check_request(engine_request(body))
+        sparse = SparseOptions(**body["sparse"]) if body["sparse"] else None
+    except RequestError as exc:
         raise RewardServerError(exc.reason) from None
-    sample = JointSample(body["session_group_id"], body["agent"], body["output"], body["state_path"],
-                         body["qa_pairs"], body["expert_outputs"], current_time=body["current_time"],
-                         sample_key=body["sample_key"], timeout_s=body["timeout_s"],
-                         sparse=SparseOptions(**body["sparse"]) if body["sparse"] else None)
-    return (await rdv.submit(sample)).to_dict()
+    last = ""
+    for attempt in range(cfg.api_max_retries + 1):
+        sample = JointSample(body["session_group_id"], body["agent"], body["output"], body["state_path"],
+                             body["qa_pairs"], body["expert_outputs"], current_time=body["current_time"],
+                             sample_key=body["sample_key"], timeout_s=body["timeout_s"], sparse=sparse)
+        try:
+            return (await rdv.submit(sample)).to_dict()
+        except JointError as exc:
+            if not exc.retryable:
+                raise RewardServerError(f"the joint rollout could not be scored: {exc.reason}") from None
+            last = exc.reason
+        if attempt < cfg.api_max_retries:
+            await asyncio.sleep(_backoff_s(cfg, attempt))
+    raise RewardServerError(f"the joint rollout could not be scored after {cfg.api_max_retries + 1} attempts: {last}")
+
+
+def engine_request(body: dict):
+    from training.reward_server.engine import TaskRequest
+
+    return TaskRequest(body["session_group_id"], body["state_path"], {}, body["qa_pairs"])
 
 
 async def joint_outcome(cfg: RewardConfig, inputs: SampleInputs, output: Any, sample_key: str | None = None) -> dict:
@@ -386,7 +456,9 @@ async def compute_score(data_source: Any = None, solution_str: str = "", ground_
     cfg = _config_from_kwargs(kwargs)
     inputs = SampleInputs.from_extra_info(extra_info)
     joint = await joint_outcome(cfg, inputs, solution_str)
-    return score_sample(cfg, inputs.agent, solution_str, inputs.expert_outputs.get(inputs.agent), joint)
+    # Parsing a long hostile output takes a while (linear, capped): off veRL's event loop, which serves the batch.
+    return await asyncio.to_thread(score_sample, cfg, inputs.agent, solution_str,
+                                   inputs.expert_outputs.get(inputs.agent), joint)
 
 
 def compute_score_sync(data_source: Any = None, solution_str: str = "", ground_truth: Any = None,

@@ -8,7 +8,8 @@
 # Defaults come from the environment: REWARD_SERVER_HOST (127.0.0.1), REWARD_SERVER_PORT (8765),
 # MEMBUILDER_STATE_ROOT (.), REWARD_SERVER_TOKEN (none: no token), ANSWER_PROVIDER (openai), ANSWER_MODEL
 # (gpt-4.1-mini), JUDGE_PROVIDER (= answer provider), JUDGE_MODEL (gpt-4.1), OPENAI_BASE_URL, OPENAI_API_KEY,
-# REWARD_MAX_IN_FLIGHT (32), PYTHON (python).
+# REWARD_MAX_IN_FLIGHT (32), PYTHON (the interpreter to run: default the active venv's python ($VIRTUAL_ENV),
+# else python3, else python, from PATH).
 # The token reaches the server through the environment, never the command line (which `ps` shows to everyone).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -37,7 +38,7 @@ while [[ $# -gt 0 ]]; do
     --judge-model) need "$@"; JUDGE_MODEL="$2"; shift 2 ;;
     --base-url) need "$@"; BASE_URL="$2"; shift 2 ;;
     --max-in-flight) need "$@"; MAX_IN_FLIGHT="$2"; shift 2 ;;
-    -h|--help) sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     --) shift; EXTRA+=("$@"); break ;;
     *) EXTRA+=("$1"); shift ;;
   esac
@@ -53,4 +54,13 @@ else
   echo "start_server.sh: no REWARD_SERVER_TOKEN: the server accepts requests without a token" >&2
 fi
 
-exec "${PYTHON:-python}" -m training.reward_server.server "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+if [[ -z "${PYTHON:-}" ]]; then
+  if [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/python" ]]; then
+    PYTHON="$VIRTUAL_ENV/bin/python"
+  else
+    PYTHON="$(command -v python3 || command -v python || true)"
+  fi
+fi
+[[ -n "$PYTHON" ]] || { echo "start_server.sh: no python found; set PYTHON" >&2; exit 2; }
+
+exec "$PYTHON" -m training.reward_server.server "${ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
