@@ -655,27 +655,31 @@ class LLMClient:
             return self._complete_offline(prompt, validate, key if store else None)
 
         settings = self.settings
-        deadline = time.monotonic() + settings.call_deadline_s
+        # The call deadline counts the time spent in attempts and backoff, not the time queued for one of our own
+        # in-flight slots (`_request` reports that wait), so a bounded client does not time its own queue out.
+        clock = {"start": time.monotonic(), "waited": 0.0}
+
+        def remaining() -> float:
+            return settings.call_deadline_s - (time.monotonic() - clock["start"] - clock["waited"])
+
         max_attempts = settings.max_retries + 1
         self.usage.add(task, calls=1)
         attempts = invalid = 0
         last_reason, last_text, last_kind = "", None, "transport"
         while attempts < max_attempts:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0.05:
+            if remaining() <= 0.05:
                 last_reason = f"the call deadline ({settings.call_deadline_s:g} s) passed; last: {last_reason}"
                 break
             temp = base_temp + (0.0 if invalid == 0 else min(0.2 * invalid, 0.7))
             attempts += 1
             try:
-                res = await self._request(prompt, json_mode=json_mode, temperature=temp,
-                                          timeout=min(settings.timeout_s, remaining))
+                res = await self._request(prompt, json_mode=json_mode, temperature=temp, timeout=settings.timeout_s,
+                                          clock=clock, remaining=remaining)
             except _Retryable as exc:
                 last_reason, last_kind = exc.reason, "transport"
                 if attempts < max_attempts:
                     self.usage.record_retry(task)
-                    delay = min(self._backoff_delay(attempts - 1, exc.exc), max(0.0, deadline - time.monotonic()))
-                    await asyncio.sleep(delay)
+                    await asyncio.sleep(min(self._backoff_delay(attempts - 1, exc.exc), max(0.0, remaining())))
                 continue
             except LLMCallError as exc:
                 self.usage.record_failure(task)
@@ -685,12 +689,12 @@ class LLMClient:
                 raise
             res.attempts = attempts
             if validate is not None and res.truncated:
-                last_reason, last_text, last_kind = (f"reply cut at max_tokens={settings.max_tokens_for(task)} "
-                                                     "(finish_reason 'length')"), res.text, "invalid"
-                invalid += 1
-                if attempts < max_attempts:
-                    self.usage.record_retry(task)
-                continue
+                # Not asked again: another try costs another full cap, and a model that rambled once rambles again.
+                self.usage.record_failure(task)
+                raise LLMCallError(f"invalid output after {attempts} attempt(s): reply cut at max_tokens="
+                                   f"{settings.max_tokens_for(task)} (finish_reason 'length')", task=task,
+                                   attempts=attempts, last_output=res.text, kind="invalid",
+                                   endpoint=settings.chat_endpoint())
             try:
                 value = validate(res.text) if validate else res.text
             except ValueError as exc:
@@ -734,8 +738,11 @@ class LLMClient:
         return value, res
 
     async def _request(self, prompt: Prompt, *, json_mode: bool, temperature: float, timeout: float,
-                       max_tokens: int | None | bool = True) -> ChatResult:
-        """One HTTP request under a whole-attempt deadline; raises _Retryable or LLMCallError."""
+                       max_tokens: int | None | bool = True, clock: dict | None = None,
+                       remaining: Callable[[], float] | None = None) -> ChatResult:
+        """One HTTP request under a whole-attempt deadline (from when it holds an in-flight slot: `timeout`, or
+        what `remaining()` leaves of the call's budget); raises _Retryable or LLMCallError. The time spent
+        waiting for the slot is added to `clock["waited"]`."""
         st = self._loop_state()
         task = prompt.task
         endpoint = self.settings.chat_endpoint()
@@ -747,10 +754,14 @@ class LLMClient:
                 kwargs["max_tokens"] = int(cap)
             if json_mode and self._json_mode_supported:
                 kwargs["response_format"] = {"type": "json_object"}
+            t_wait = time.monotonic()
             async with st["chat_sem"]:
+                if clock is not None:
+                    clock["waited"] += time.monotonic() - t_wait
+                limit = min(timeout, remaining()) if remaining is not None else timeout
                 t0 = time.perf_counter()
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(max(0.05, limit)):
                         resp = await self._openai("chat").chat.completions.create(**kwargs)
                     text, finish = _reply_text(resp)
                 except _Retryable:

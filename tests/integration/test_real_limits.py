@@ -50,11 +50,11 @@ def test_a_truncated_agent_reply_is_invalid_not_half_a_json(tmp_path):
 
     with ScriptedServer(raw_reply=cut) as srv:
         assert _run(*_common(srv, tmp_path, "--max-retries", "1")) == 0
-        assert len(srv.requests(task_prefix="agent.semantic")) == 12  # 2 attempts x 6 sessions
+        assert len(srv.requests(task_prefix="agent.semantic")) == 6  # a reply cut at the cap is not asked again
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["build"]["agent_outputs_invalid"] == 6
     assert all("finish_reason 'length'" in f["reason"] for f in summary["build"]["invalid_outputs"])
-    assert summary["usage"]["build"]["agent.semantic"]["truncated"] == 12
+    assert summary["usage"]["build"]["agent.semantic"]["truncated"] == 6
     mem = json.loads((tmp_path / "db" / "demo-1" / "memory.json").read_text())
     assert not any(e["type"] == "semantic" for e in mem["entries"])
 
