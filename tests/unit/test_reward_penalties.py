@@ -170,7 +170,7 @@ def _joint(**kw) -> dict:
 
 KEYS = {"score", "task_reward", "length_penalty", "valid", "dominant_type", "attribution_weight", "sparse",
         "joint_id", "joint_timed_out", "expert_filled", "failed_questions", "policy_tokens", "expert_tokens",
-        "invalid_reason"}
+        "invalid_reason", "n_questions"}
 
 
 def test_score_sample_valid_dominant_agent():
@@ -183,6 +183,13 @@ def test_score_sample_valid_dominant_agent():
     assert r["attribution_weight"] == 4.0 and r["dominant_type"] == "semantic"
     assert r["expert_filled"] == 1 and r["failed_questions"] == 1
     assert all(isinstance(v, (int, float, str)) for v in r.values())  # veRL keeps scalars and strings only
+
+
+def test_score_sample_says_how_many_questions_its_reward_is_over():
+    out = json.dumps({"operations": []})
+    assert score_sample(CFG, "semantic", out, None, _joint(task={"n_questions": 5}))["n_questions"] == 5
+    none = score_sample(CFG, "semantic", out, None, _joint(task_reward=0.0, task={"n_questions": 0}))
+    assert none["score"] == 0.0 and none["n_questions"] == 0  # "no questions", told apart from "all wrong"
 
 
 def test_score_sample_invalid_output_scores_zero_with_reason():

@@ -137,6 +137,10 @@ class EngineSettings:
     rendezvous_timeout_s: float = 600.0
     max_rendezvous_timeout_s: float = 3600.0
     cache_dir: str | None = None
+    call_deadline_s: float = config.DEFAULT_CALL_DEADLINE_S
+    max_tokens_answer: int = config.MAX_TOKENS_ANSWER
+    max_tokens_judge: int = config.MAX_TOKENS_JUDGE
+    max_tokens_compress: int = config.MAX_TOKENS_COMPRESS
     max_qa_pairs: int = 64  # per request: each costs an answer and a judgment
 
     def __post_init__(self) -> None:
@@ -153,8 +157,10 @@ class EngineSettings:
         """(answer client incl. embeddings, judge client)."""
         emb = dict(embedding_provider=self.embedding_provider, embedding_model=self.embedding_model,
                    embedding_base_url=self.embedding_base_url, embedding_api_key=self.embedding_api_key)
+        caps = config.max_tokens_table(answer=self.max_tokens_answer, judge=self.max_tokens_judge,
+                                       compress=self.max_tokens_compress)
         common = dict(max_in_flight=self.max_in_flight, max_retries=self.max_retries, timeout_s=self.timeout_s,
-                      cache_dir=self.cache_dir)
+                      call_deadline_s=self.call_deadline_s, cache_dir=self.cache_dir, max_tokens_by_task=caps)
         answer = ClientSettings(provider=self.provider, model=self.model, base_url=self.base_url,
                                 api_key=self.api_key, **emb, **common)
         jprov = self.judge_provider or ("openai" if self.provider == "vllm" else self.provider)

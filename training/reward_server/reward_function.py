@@ -260,6 +260,9 @@ def score_sample(cfg: RewardConfig, agent: str, output: Any, expert_output: Any,
         "joint_timed_out": 1.0 if joint.get("timed_out") else 0.0,
         "expert_filled": sum(1 for a, m in members.items() if m != "policy" and a != agent),
         "failed_questions": int(task.get("failed_questions") or 0),
+        # The task reward is a share of these questions: with none (a row without synthetic QA, or a sparse joint
+        # rollout, which is not evaluated) a 0.0 above means "no questions", not "all wrong".
+        "n_questions": int(task.get("n_questions", task.get("total", 0)) or 0),
         "policy_tokens": written_tokens(acts[:1] if agent == "core" else acts),
         "expert_tokens": written_tokens(ref[:1] if agent == "core" else ref),
         "invalid_reason": reason,

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import config
-from llm_client import AVAILABLE_PROVIDERS
+from llm_client import AVAILABLE_PROVIDERS, add_call_budget_args
 from memory_system import AGENTS
 from training.reward_server.engine import (EngineSettings, JointError, JointRendezvous, JointSample, RequestError,
                                            RewardEngine, SparseOptions, TaskRequest, UpstreamError, run_cpu,
@@ -437,9 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-api-key", default=None)
     p.add_argument("--max-in-flight", type=int, default=config.DEFAULT_MAX_IN_FLIGHT,
                    help="bound on LLM requests in flight, all kinds together")
-    p.add_argument("--max-retries", type=int, default=config.DEFAULT_MAX_RETRIES, help="retries per LLM request")
-    p.add_argument("--request-timeout", type=float, default=config.DEFAULT_REQUEST_TIMEOUT_S,
-                   help="seconds per LLM request")
+    add_call_budget_args(p, ("answer", "judge", "compress"))
     p.add_argument("--top-k", type=int, default=config.QA_ANSWERING_TOP_K, help="entries retrieved per question")
     p.add_argument("--state-cache-size", type=int, default=32, help="loaded states kept (LRU)")
     p.add_argument("--rendezvous-timeout", type=float, default=600.0,
@@ -462,6 +460,8 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         embedding_provider=args.embedding_provider, embedding_model=args.embedding_model,
         embedding_base_url=args.embedding_base_url, embedding_api_key=args.embedding_api_key,
         max_in_flight=args.max_in_flight, max_retries=args.max_retries, timeout_s=args.request_timeout,
+        call_deadline_s=args.call_deadline, max_tokens_answer=args.max_tokens_answer,
+        max_tokens_judge=args.max_tokens_judge, max_tokens_compress=args.max_tokens_compress,
         answer_top_k=args.top_k, state_cache_size=args.state_cache_size,
         rendezvous_timeout_s=args.rendezvous_timeout, cache_dir=args.cache_dir, max_qa_pairs=args.max_qa_pairs)
 
