@@ -136,7 +136,9 @@ def test_sft_and_rl_data_from_the_tiny_model(expert, local_llm, tmp_path, capsys
     qa = jsonl(path / tj.QA_CACHE_FILE)
     assert len(qa) == 2 and all(r["n_questions"] == 5 for r in qa)
     kept = sum(len(r.get("pairs") or []) for r in qa)
-    print(f"\nsynthetic QA kept from the tiny model: {kept} of {5 * len(qa)}")
+    from scripts.bench.validity_table import render, validity
+
+    print(f"\nsynthetic QA kept from the tiny model: {kept} of {5 * len(qa)}\n{render(validity(out))}")
     if kept:
         assert rc_rl == 0
         import pyarrow.parquet as pq
