@@ -337,9 +337,13 @@ def test_qa_generator_cli_fills_the_cache_that_prepare_rl_data_reads(trajectorie
     assert [(r["sample_id"], r["session_index"], len(r["pairs"])) for r in recs] == [
         ("train_tiny_002", 0, 5), ("train_tiny_002", 2, 5)]
     assert not (root / "longmemeval" / "train_tiny_001" / tj.QA_CACHE_FILE).exists()
-    # without --add-qa the cached QA is used as it is, and sessions without any keep an empty list
+    # without --add-qa the cached QA is used as it is, and sessions without any keep an empty list; most rows can
+    # then only score 0, which is refused (exit 1, the file kept) unless --allow-empty-qa
     assert rl_cli.main(["--trajectories-dir", str(root), "--output-file", str(tmp_path / "r.parquet"),
-                        "--no-progress"]) == 0
+                        "--no-progress"]) == 1
+    assert "16 of 24" in capsys.readouterr().err
+    assert rl_cli.main(["--trajectories-dir", str(root), "--output-file", str(tmp_path / "r.parquet"),
+                        "--no-progress", "--allow-empty-qa"]) == 0
     rows = pq.read_table(tmp_path / "r.parquet").to_pylist()
     with_qa = {(r["extra_info"]["sample_id"], r["extra_info"]["session_index"]) for r in rows if r["extra_info"]["qa_pairs"]}
     assert with_qa == {("train_tiny_002", 0), ("train_tiny_002", 2)} and len(rows) == 24
