@@ -74,8 +74,12 @@ DEFAULT_MAX_IN_FLIGHT = _env_int("MEMBUILDER_MAX_IN_FLIGHT", 32)
 DEFAULT_CALL_DEADLINE_S = _env_float("MEMBUILDER_CALL_DEADLINE", 600.0)
 
 # Reply caps (max_tokens) per role, sent on every request: without one a server generates until its context is full.
-# Builders get the paper's RL response limit; answers and verdicts are short by the prompts' own rules.
-MAX_TOKENS_BUILDER = _env_int("MEMBUILDER_MAX_TOKENS_BUILDER", 6000)
+# A builder's reply for one session (a handful of entries, or one core action) runs far below 2,048 tokens; the
+# paper's 6,000-token response limit is veRL's rollout length in RL training (set in the launch script), where a
+# long output is just cut. Here a cap must exceed what a good builder writes and bound what a weak one rambles: a
+# reply cut at the cap is invalid, and each cut reply cost the whole cap in generation time. Answers and verdicts are
+# short by the prompts' own rules.
+MAX_TOKENS_BUILDER = _env_int("MEMBUILDER_MAX_TOKENS_BUILDER", 2048)
 MAX_TOKENS_COMPRESS = _env_int("MEMBUILDER_MAX_TOKENS_COMPRESS", 2000)
 MAX_TOKENS_ANSWER = _env_int("MEMBUILDER_MAX_TOKENS_ANSWER", 256)
 MAX_TOKENS_JUDGE = _env_int("MEMBUILDER_MAX_TOKENS_JUDGE", 256)

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from memory_system import AGENTS, ENTRY_TYPES, parse_actions
-from scripts.local_llm import DEFAULT_ALIAS
+from scripts.local_llm import DEFAULT_ALIAS, LocalLLMServer
 from tests.integration.runner_helpers import jsonl, run
 
 pytestmark = [pytest.mark.real_llm, pytest.mark.integration, pytest.mark.slow]
@@ -31,12 +31,15 @@ def llm_flags(srv, *, judge: bool = True) -> list[str]:
     return out + (["--judge-model", DEFAULT_ALIAS] if judge else [])
 
 
-def test_main_job_conv26_three_sessions_twenty_questions(local_llm, shared_data, tmp_path, capsys):
-    t0 = time.monotonic()
-    rc = run("--dataset", "locomo", "--data-dir", str(shared_data), "--conv-id", "conv-26", "--sessions", "3",
-             "--questions-in-built-sessions", "--questions", "20", *llm_flags(local_llm),
-             "--db-path", str(tmp_path / "db"), "--output-dir", str(tmp_path / "run"))
-    elapsed = time.monotonic() - t0
+@pytest.mark.timeout(MAIN_JOB_LIMIT_S + 120)
+def test_main_job_conv26_three_sessions_twenty_questions(real_llm_available, shared_data, tmp_path, capsys):
+    # A server of its own: whatever it still generates when the test ends dies with it.
+    with LocalLLMServer(log_path=tmp_path / "server.log") as srv:
+        t0 = time.monotonic()
+        rc = run("--dataset", "locomo", "--data-dir", str(shared_data), "--conv-id", "conv-26", "--sessions", "3",
+                 "--questions-in-built-sessions", "--questions", "20", *llm_flags(srv), "--max-retries", "2",
+                 "--db-path", str(tmp_path / "db"), "--output-dir", str(tmp_path / "run"))
+        elapsed = time.monotonic() - t0
     print(f"\nconv-26, 3 sessions, 20 questions on llama.cpp/SmolLM2-135M: exit {rc} in {elapsed:.0f} s")
     assert rc in (0, 1), capsys.readouterr().err[-2000:]
     assert elapsed < MAIN_JOB_LIMIT_S
@@ -81,8 +84,8 @@ def expert(local_llm, tmp_path_factory):
     from scripts import generate_expert_trajectories as gen
 
     out = tmp_path_factory.mktemp("traj")
-    rc = gen.main(["--dataset", "demo", "--sessions", "2", "--output-dir", str(out), "--no-progress",
-                   *_gen_flags(local_llm)])
+    rc = gen.main(["--dataset", "demo", "--sessions", "1", "--output-dir", str(out), "--no-progress",
+                   "--max-retries", "2", *_gen_flags(local_llm)])
     return out, rc
 
 
@@ -134,7 +137,7 @@ def test_sft_and_rl_data_from_the_tiny_model(expert, local_llm, tmp_path, capsys
                      DEFAULT_ALIAS, "--workers", "1", "--request-timeout", "600", "--no-progress"])
     printed = capsys.readouterr()
     qa = jsonl(path / tj.QA_CACHE_FILE)
-    assert len(qa) == 2 and all(r["n_questions"] == 5 for r in qa)
+    assert len(qa) == 1 and all(r["n_questions"] == 5 for r in qa)
     kept = sum(len(r.get("pairs") or []) for r in qa)
     from scripts.bench.validity_table import render, validity
 
@@ -161,8 +164,7 @@ def test_reward_server_answers_with_documented_codes(expert, local_llm):
     path = out / "demo" / "demo-1"
     calls, _ = tj.read_jsonl(path / tj.CALLS_FILE, allow_partial_tail=True)
     by_agent = {c["agent"]: c.get("raw_output") or "" for c in calls if c["session_index"] == 0}
-    qa = [{"question": "What is the name of my dog?", "answer": "Pepper", "type": "single-session"},
-          {"question": "Where do I work?", "answer": "a bakery", "type": "single-session"}]
+    qa = [{"question": "What is the name of my dog?", "answer": "Pepper", "type": "single-session"}]
     argv = ["python", "-m", "training.reward_server.server", "--port", "0", "--state-root", str(out),
             "--provider", "openai", "--base-url", local_llm.base_url, "--api-key", "EMPTY", "--model", DEFAULT_ALIAS,
             "--judge-model", DEFAULT_ALIAS, "--embedding-base-url", local_llm.base_url, "--embedding-api-key", "EMPTY",
@@ -178,8 +180,9 @@ def test_reward_server_answers_with_documented_codes(expert, local_llm):
         assert r.status_code in (200, 503), r.text
         body = r.json()
         if r.status_code == 200:
-            assert body["total"] == 2 and body["correct"] == sum(q["correct"] for q in body["qa_results"])
-            assert body["task_reward"] == body["correct"] / 2
+            assert body["total"] == body["n_questions"] == 1
+            assert body["correct"] == sum(q["correct"] for q in body["qa_results"])
+            assert body["task_reward"] == body["correct"]
         else:
             assert body["retryable"] is True and body["reason"]
 
