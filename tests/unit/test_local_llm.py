@@ -64,3 +64,13 @@ def test_missing_install_is_one_line_and_exit_2(monkeypatch, tmp_path, repo_root
                           cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"local_llm: --model {tmp_path / 'absent.gguf'}: no such file"]
+
+
+def test_server_environment_makes_openmp_wait_passively_unless_the_user_chose(monkeypatch, tmp_path):
+    monkeypatch.setattr(local_llm, "llama_cpp_installed", lambda: True)
+    f = tmp_path / "m.gguf"
+    _gguf(f, [("general.architecture", 8, _str("llama"))])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert local_llm.LocalLLMServer(model=f).environment()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert local_llm.LocalLLMServer(model=f).environment()["OMP_WAIT_POLICY"] == "ACTIVE"
