@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import math
 import signal
+import socket
 import subprocess
 import sys
 
 import openai
 import pytest
 
-from scripts.local_llm import DEFAULT_ALIAS, LocalLLMServer
+from scripts.local_llm import DEFAULT_ALIAS, LocalLLMError, LocalLLMServer
 
 pytestmark = [pytest.mark.real_llm, pytest.mark.integration]
 
@@ -94,3 +95,13 @@ def test_cli_prints_ready_and_stops_on_ctrl_c(real_llm_available, repo_root):
             proc.kill()
             proc.wait()
     assert "stopped" in proc.stderr.read()
+
+
+def test_busy_fixed_port_is_a_clear_error_not_someone_elses_server(real_llm_available):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LocalLLMError, match="exited with code") as err:
+            LocalLLMServer(embedding=False, n_ctx=512, port=port, startup_timeout_s=60).start()
+    assert "address already in use" in str(err.value).lower()
