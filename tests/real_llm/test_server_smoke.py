@@ -16,7 +16,7 @@ import pytest
 
 from scripts.local_llm import DEFAULT_ALIAS, LocalLLMError, LocalLLMServer
 
-pytestmark = [pytest.mark.real_llm, pytest.mark.integration]
+pytestmark = [pytest.mark.real_llm, pytest.mark.integration]  # also set by conftest for the whole folder
 
 FINISH_REASONS = {"stop", "length"}
 SMOLLM2_DIM = 576
