@@ -30,6 +30,7 @@ from memory_system import ActionFormatError, parse_actions  # noqa: E402
 from scripts.local_llm import DEFAULT_ALIAS, LocalLLMServer  # noqa: E402
 
 SESSION = "user: I adopted a cat named Miso yesterday.\nassistant: Congrats!"
+SESSION_TIME: str | None = "2023-05-08"
 _PERF = re.compile(r"^llama_perf_context_print:\s+(prompt eval|eval) time =\s+([\d.]+) ms /\s+(\d+) (?:tokens|runs)",
                    re.MULTILINE)
 
@@ -43,10 +44,20 @@ def perf_totals(log_text: str) -> dict:
             for k, v in out.items()}
 
 
+def locomo_session(path: str, conv: str, index: int) -> tuple[str, str | None]:
+    """A real session's text as the builder renders it (`--locomo`), instead of the one-line default."""
+    from eval.datasets import load_dataset
+    from memory_system import render_session
+
+    sample = load_dataset("locomo", dataset_path=path, sample_ids=[conv])[0]
+    session = sample.sessions[index]
+    return render_session(session.messages), session.time
+
+
 def agent_probe(client: openai.OpenAI, runs: int, max_tokens: int) -> list[dict]:
     rows = []
     for agent in ("core", "episodic", "semantic", "procedural"):
-        p = prompts.agent_prompt(agent, core="", existing=[], session_text=SESSION, session_time="2023-05-08")
+        p = prompts.agent_prompt(agent, core="", existing=[], session_text=SESSION, session_time=SESSION_TIME)
         for json_mode in (True, False):
             for i in range(runs):
                 temperature = 0.0 if i == 0 else min(0.2 * i, 0.7)  # the client's retry schedule
@@ -129,7 +140,7 @@ def schema_probe(client: openai.OpenAI, base_url: str, runs: int, max_tokens: in
     """JSON mode with a per-agent schema (a grammar on the server) against MemBuilder's agent prompts."""
     rows = []
     for agent in ("core", "episodic", "semantic", "procedural"):
-        p = prompts.agent_prompt(agent, core="", existing=[], session_text=SESSION, session_time="2023-05-08")
+        p = prompts.agent_prompt(agent, core="", existing=[], session_text=SESSION, session_time=SESSION_TIME)
         for i in range(runs):
             temperature = 0.0 if i == 0 else min(0.2 * i, 0.7)
             t0 = time.perf_counter()
@@ -315,9 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--out", default="probe_local_llm.json")
+    ap.add_argument("--locomo", metavar="FILE", help="use a real LoCoMo session for the agent prompts (with --conv, --session)")
+    ap.add_argument("--conv", default="conv-26")
+    ap.add_argument("--session", type=int, default=0, help="session index (default 0, the first)")
     ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: throughput agents schema long embed concurrency threads modes")
     args = ap.parse_args(argv)
     report: dict = {}
+    if args.locomo:
+        global SESSION, SESSION_TIME
+        SESSION, SESSION_TIME = locomo_session(args.locomo, args.conv, args.session)
+        report["session"] = {"file": args.locomo, "conv": args.conv, "index": args.session, "chars": len(SESSION)}
     logdir = Path(args.out).resolve().parent
     log = logdir / "probe_server_main.log"
     with LocalLLMServer(n_ctx=args.n_ctx, log_path=log) as srv:
