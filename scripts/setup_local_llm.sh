@@ -68,7 +68,8 @@ PY
 
 gguf_path() { (cd "$REPO_ROOT" && "$PYTHON" -m scripts.local_llm --print-model); }
 
-if [[ "${FORCE:-0}" != "1" ]] && ready && path="$(gguf_path 2>>"$LOG")"; then
+# Up to date only when it really decodes: an installed build can import and still fault (see AMX above).
+if [[ "${FORCE:-0}" != "1" ]] && ready && path="$(gguf_path 2>>"$LOG")" && decodes; then
     log "up to date: llama-cpp-python $VER, model $path ($(( $(date +%s) - start )) s)"
     echo "$path"
     exit 0
@@ -91,8 +92,10 @@ build_wheel() {
     local tmp w d
     tmp="$(mktemp -d)"
     log "compiling llama-cpp-python $VER (llama.cpp; ~10 min on 2 cores; output in $LOG)"
+    # --no-cache-dir: pip's own wheel cache is keyed by the source link, not by CMAKE_ARGS, so it could hand back a
+    # wheel someone built earlier with AMX.
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-        pip_ wheel --no-deps --no-binary llama-cpp-python -w "$tmp" "llama-cpp-python==$VER" \
+        pip_ wheel --no-cache-dir --no-deps --no-binary llama-cpp-python -w "$tmp" "llama-cpp-python==$VER" \
         || { rm -rf "$tmp"; die "building llama-cpp-python $VER failed"; }
     w="$(ls "$tmp"/llama_cpp_python-"$VER"-*.whl 2>/dev/null | head -1)"
     [[ -n "$w" ]] || { rm -rf "$tmp"; die "pip built no llama_cpp_python wheel"; }

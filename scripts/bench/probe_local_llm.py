@@ -30,6 +30,7 @@ from memory_system import ActionFormatError, parse_actions  # noqa: E402
 from scripts.local_llm import DEFAULT_ALIAS, LocalLLMServer  # noqa: E402
 
 SESSION = "user: I adopted a cat named Miso yesterday.\nassistant: Congrats!"
+SESSION_TIME: str | None = "2023-05-08"
 _PERF = re.compile(r"^llama_perf_context_print:\s+(prompt eval|eval) time =\s+([\d.]+) ms /\s+(\d+) (?:tokens|runs)",
                    re.MULTILINE)
 
@@ -43,10 +44,20 @@ def perf_totals(log_text: str) -> dict:
             for k, v in out.items()}
 
 
+def locomo_session(path: str, conv: str, index: int) -> tuple[str, str | None]:
+    """A real session's text as the builder renders it (`--locomo`), instead of the one-line default."""
+    from eval.datasets import load_dataset
+    from memory_system import render_session
+
+    sample = load_dataset("locomo", dataset_path=path, sample_ids=[conv])[0]
+    session = sample.sessions[index]
+    return render_session(session.messages), session.time
+
+
 def agent_probe(client: openai.OpenAI, runs: int, max_tokens: int) -> list[dict]:
     rows = []
     for agent in ("core", "episodic", "semantic", "procedural"):
-        p = prompts.agent_prompt(agent, core="", existing=[], session_text=SESSION, session_time="2023-05-08")
+        p = prompts.agent_prompt(agent, core="", existing=[], session_text=SESSION, session_time=SESSION_TIME)
         for json_mode in (True, False):
             for i in range(runs):
                 temperature = 0.0 if i == 0 else min(0.2 * i, 0.7)  # the client's retry schedule
@@ -76,6 +87,125 @@ def agent_probe(client: openai.OpenAI, runs: int, max_tokens: int) -> list[dict]
     return rows
 
 
+def throughput_probe(client: openai.OpenAI, base_url: str, repeats: int = 3) -> dict:
+    """Prompt processing and generation rates from wall times, plain and JSON mode alternated (the server's own
+    timing lines undercount prompt evaluation)."""
+    filler = " ".join(f"fact {i}: the user mentioned item {i * 7 % 101}." for i in range(150))
+    rows: dict = {"prompt": [], "plain": [], "json": []}
+    for r in range(repeats):
+        # A fresh first line defeats llama-cpp-python's prefix reuse, so the whole prompt is evaluated.
+        msg = [{"role": "user", "content": f"run {time.time_ns()} {r}\n{filler}\nSummarise the facts."}]
+        t0 = time.perf_counter()
+        resp = client.chat.completions.create(model=DEFAULT_ALIAS, messages=msg, max_tokens=1)
+        rows["prompt"].append((resp.usage.prompt_tokens, time.perf_counter() - t0))
+        for kind in ("plain", "json"):
+            extra = {"response_format": {"type": "json_object"}} if kind == "json" else {}
+            t0 = time.perf_counter()  # same prompt again: only the generated tokens cost time now
+            resp = client.chat.completions.create(model=DEFAULT_ALIAS, messages=msg, max_tokens=128,
+                                                  temperature=0.0, **extra)
+            rows[kind].append((resp.usage.completion_tokens, time.perf_counter() - t0))
+    rate = lambda xs: round(sum(n for n, _ in xs) / sum(t for _, t in xs), 1)  # noqa: E731
+    return {"prompt_tokens_per_s": rate(rows["prompt"]), "plain_gen_tokens_per_s": rate(rows["plain"]),
+            "json_mode_gen_tokens_per_s": rate(rows["json"]),
+            "raw": {k: [(n, round(t, 2)) for n, t in v] for k, v in rows.items()}}
+
+
+def _str_field() -> dict:
+    return {"type": "string", "minLength": 1}
+
+
+def action_schema(agent: str) -> dict:
+    """A JSON schema of one agent's allowed output, as llama-cpp-python's `response_format.schema` takes it."""
+    if agent == "core":
+        return {"oneOf": [
+            {"type": "object", "properties": {"operation": {"enum": ["APPEND", "REWRITE"]}, "content": _str_field()},
+             "required": ["operation", "content"], "additionalProperties": False},
+            {"type": "object", "properties": {"operation": {"const": "REPLACE"}, "old_text": _str_field(),
+                                              "new_text": {"type": "string"}},
+             "required": ["operation", "old_text", "new_text"], "additionalProperties": False}]}
+    items = {"ADD": {"memory": _str_field()}, "UPDATE": {"old_memory": _str_field(), "new_memory": _str_field()},
+             "MERGE": {"old_memories": {"type": "array", "items": _str_field(), "minItems": 1},
+                       "new_memory": _str_field()},
+             "SKIP": {"reason": {"type": "string"}}}
+    allowed = {"episodic": ("ADD", "UPDATE", "MERGE"), "semantic": ("ADD", "UPDATE", "SKIP"),
+               "procedural": ("ADD", "UPDATE")}[agent]
+    variants = [{"type": "object", "properties": {"action": {"const": a}, **items[a]},
+                 "required": ["action", *(k for k in items[a] if a != "SKIP")], "additionalProperties": False}
+                for a in allowed]
+    return {"type": "object", "properties": {"operations": {"type": "array", "items": {"oneOf": variants}}},
+            "required": ["operations"], "additionalProperties": False}
+
+
+def schema_probe(client: openai.OpenAI, base_url: str, runs: int, max_tokens: int) -> dict:
+    """JSON mode with a per-agent schema (a grammar on the server) against MemBuilder's agent prompts."""
+    rows = []
+    for agent in ("core", "episodic", "semantic", "procedural"):
+        p = prompts.agent_prompt(agent, core="", existing=[], session_text=SESSION, session_time=SESSION_TIME)
+        for i in range(runs):
+            temperature = 0.0 if i == 0 else min(0.2 * i, 0.7)
+            t0 = time.perf_counter()
+            r = client.chat.completions.create(
+                model=DEFAULT_ALIAS, messages=p.messages, max_tokens=max_tokens, temperature=temperature,
+                response_format={"type": "json_object", "schema": action_schema(agent)})
+            text = r.choices[0].message.content or ""
+            try:
+                parse_actions(agent, text)
+                valid, why = True, ""
+            except ActionFormatError as exc:
+                valid, why = False, str(exc)
+            rows.append({"agent": agent, "temperature": temperature, "finish_reason": r.choices[0].finish_reason,
+                         "completion_tokens": r.usage.completion_tokens, "wall_s": round(time.perf_counter() - t0, 2),
+                         "parse_actions": valid, "reason": why[:200], "text": text[:300]})
+            print(f"  schema {agent:10s} T={temperature:.1f} {rows[-1]['finish_reason']:6s} "
+                  f"{r.usage.completion_tokens:4d} tok valid={valid} {why[:80]} {text[:100]!r}", flush=True)
+    ep = prompts.agent_prompt("episodic", core="", existing=[], session_text=SESSION, session_time="2023-05-08")
+    openai_style = raw_post(base_url, "/chat/completions", {
+        "model": DEFAULT_ALIAS, "messages": ep.messages, "max_tokens": 32,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": action_schema("episodic")}}})
+    return {"rows": rows, "openai_json_schema_type": openai_style}
+
+
+def _rates(client: openai.OpenAI, reps: int) -> dict:
+    """Prompt tokens/s on a fresh ~2,000-token prompt and generated tokens/s on an agent prompt (plain mode)."""
+    filler = " ".join(f"fact {i}: the user mentioned item {i * 7 % 101}." for i in range(150))
+    ep = prompts.agent_prompt("episodic", core="", existing=[], session_text=SESSION, session_time="2023-05-08")
+    pp, gen = [], []
+    for r in range(reps):
+        msg = [{"role": "user", "content": f"run {time.time_ns()} {r}\n{filler}"}]
+        t0 = time.perf_counter()
+        resp = client.chat.completions.create(model=DEFAULT_ALIAS, messages=msg, max_tokens=1)
+        pp.append((resp.usage.prompt_tokens, time.perf_counter() - t0))
+        client.chat.completions.create(model=DEFAULT_ALIAS, messages=ep.messages, max_tokens=1)  # cache the prompt
+        t0 = time.perf_counter()
+        resp = client.chat.completions.create(model=DEFAULT_ALIAS, messages=ep.messages, max_tokens=128,
+                                              temperature=0.9, seed=r)
+        gen.append((resp.usage.completion_tokens, time.perf_counter() - t0))
+    return {"prompt_tokens_per_s": round(sum(n for n, _ in pp) / sum(t for _, t in pp), 1),
+            "gen_tokens_per_s": round(sum(n for n, _ in gen) / sum(t for _, t in gen), 1),
+            "raw_prompt": [(n, round(t, 2)) for n, t in pp], "raw_gen": [(n, round(t, 2)) for n, t in gen]}
+
+
+def threads_probe(logdir: Path, reps: int = 2) -> dict:
+    """1 vs 2 threads, and embedding mode on vs off, on the same requests (A B C A order to expose drift)."""
+    out = {}
+    for name, kw in (("threads2_embedding", {"threads": 2}), ("threads1_embedding", {"threads": 1}),
+                     ("threads2_chat_only", {"threads": 2, "embedding": False}),
+                     ("threads2_embedding_again", {"threads": 2})):
+        with LocalLLMServer(n_ctx=4096, log_path=logdir / f"probe_server_{name}.log", **kw) as srv:
+            c = openai.OpenAI(base_url=srv.base_url, api_key="EMPTY", max_retries=0, timeout=600)
+            out[name] = _rates(c, reps)
+            c.close()
+        print(f"  {name}: {out[name]}", flush=True)
+    with LocalLLMServer(n_ctx=512, embedding=False, log_path=logdir / "probe_server_ctx512.log") as srv:
+        ep = prompts.agent_prompt("episodic", core="", existing=[], session_text=SESSION, session_time="2023-05-08")
+        out["n_ctx_512_prompt_plus_max_tokens_over"] = raw_post(
+            srv.base_url, "/chat/completions", {"model": DEFAULT_ALIAS, "messages": ep.messages, "max_tokens": 512})
+        out["n_ctx_512_no_max_tokens"] = raw_post(
+            srv.base_url, "/chat/completions", {"model": DEFAULT_ALIAS, "messages": ep.messages})
+    print("  n_ctx 512:", out["n_ctx_512_prompt_plus_max_tokens_over"], out["n_ctx_512_no_max_tokens"], flush=True)
+    return out
+
+
 def sdk_error(fn) -> dict:
     try:
         fn()
@@ -85,9 +215,26 @@ def sdk_error(fn) -> dict:
                 "body": getattr(exc, "body", None)}
 
 
-def raw_post(base_url: str, path: str, body: dict, timeout: float = 300) -> dict:
+def raw_post(base_url: str, path: str, body: dict, timeout: float = 600) -> dict:
+    """Status and body; a successful body is summarised (finish reason, usage, vector shapes), an error kept whole."""
+    t0 = time.perf_counter()
     r = httpx.post(base_url + path, json=body, timeout=timeout, trust_env=False)
-    return {"status": r.status_code, "body": r.text[:2000]}
+    out: dict = {"status": r.status_code, "wall_s": round(time.perf_counter() - t0, 2)}
+    if r.status_code != 200:
+        out["body"] = r.text[:2000]
+        return out
+    data = r.json()
+    out["usage"] = data.get("usage")
+    if "choices" in data:
+        out["finish_reason"] = data["choices"][0].get("finish_reason")
+        out["content_head"] = (data["choices"][0]["message"].get("content") or "")[:160]
+    else:
+        out["shapes"] = [_shape(d["embedding"]) for d in data["data"]]
+    return out
+
+
+def _shape(vec) -> list[int]:
+    return [len(vec), len(vec[0])] if vec and isinstance(vec[0], list) else [len(vec)]
 
 
 def long_prompt_probe(client: openai.OpenAI, base_url: str, n_ctx: int) -> dict:
@@ -103,7 +250,6 @@ def long_prompt_probe(client: openai.OpenAI, base_url: str, n_ctx: int) -> dict:
     out["fits_but_prompt_plus_max_tokens_over_raw"] = raw_post(
         base_url, "/chat/completions", {"model": DEFAULT_ALIAS, "messages": near, "max_tokens": 512})
     out["fits_but_prompt_plus_max_tokens_over_s"] = round(time.perf_counter() - t0, 1)
-    out["embeddings_over_raw"] = raw_post(base_url, "/embeddings", {"model": DEFAULT_ALIAS, "input": ["memory " * words]})
     return out
 
 
@@ -119,14 +265,16 @@ def embedding_probe(base_url: str) -> dict:
         out["n_items"] = len(data)
         out["item_keys"] = sorted(data[0])
         out["nested"] = bool(first) and isinstance(first[0], list)
-        out["shape_per_item"] = ([len(d["embedding"]), len(d["embedding"][0])] if out["nested"]
-                                 else [len(d["embedding"]) for d in data])
+        out["shape_per_item"] = [_shape(d["embedding"]) for d in data]
         if not out["nested"]:
             out["norms"] = [round(sum(x * x for x in d["embedding"]) ** 0.5, 4) for d in data]
         out["usage"] = r.get("usage")
         out["top_keys"] = sorted(r)
         out["empty_string"] = raw_post(base_url, "/embeddings", {"model": DEFAULT_ALIAS, "input": [""]})
-        out["empty_string"]["body"] = out["empty_string"]["body"][:300]
+        out["one_space"] = raw_post(base_url, "/embeddings", {"model": DEFAULT_ALIAS, "input": [" "]})
+        out["single_string_input"] = raw_post(base_url, "/embeddings", {"model": DEFAULT_ALIAS, "input": "just one"})
+        long_text = "the user likes tea. " * 400
+        out["long_input_2000_words"] = raw_post(base_url, "/embeddings", {"model": DEFAULT_ALIAS, "input": [long_text]})
     else:
         out["body"] = res["body"]
     return out
@@ -178,9 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=512)
     ap.add_argument("--n-ctx", type=int, default=8192)
     ap.add_argument("--out", default="probe_local_llm.json")
-    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: agents long embed concurrency modes")
+    ap.add_argument("--locomo", metavar="FILE", help="use a real LoCoMo session for the agent prompts (with --conv, --session)")
+    ap.add_argument("--conv", default="conv-26")
+    ap.add_argument("--session", type=int, default=0, help="session index (default 0, the first)")
+    ap.add_argument("--skip", nargs="*", default=[], help="sections to skip: throughput agents schema long embed concurrency threads modes")
     args = ap.parse_args(argv)
     report: dict = {}
+    if args.locomo:
+        global SESSION, SESSION_TIME
+        SESSION, SESSION_TIME = locomo_session(args.locomo, args.conv, args.session)
+        report["session"] = {"file": args.locomo, "conv": args.conv, "index": args.session, "chars": len(SESSION)}
     logdir = Path(args.out).resolve().parent
     log = logdir / "probe_server_main.log"
     with LocalLLMServer(n_ctx=args.n_ctx, log_path=log) as srv:
@@ -188,12 +343,19 @@ def main(argv: list[str] | None = None) -> int:
         client = openai.OpenAI(base_url=srv.base_url, api_key="EMPTY", max_retries=0, timeout=900)
         report["raw_chat"] = raw_chat_shape(srv.base_url)
         print("raw chat:", json.dumps(report["raw_chat"])[:600], flush=True)
+        if "throughput" not in args.skip:
+            report["throughput"] = throughput_probe(client, srv.base_url)
+            print("throughput:", report["throughput"], flush=True)
         if "agents" not in args.skip:
             mark = len(log.read_text(errors="replace"))
             print("agent prompts:", flush=True)
             report["agents"] = agent_probe(client, args.runs, args.max_tokens)
             report["agents_perf"] = perf_totals(log.read_text(errors="replace")[mark:])
             print("  perf:", report["agents_perf"], flush=True)
+        if "schema" not in args.skip:
+            print("schema-constrained JSON mode:", flush=True)
+            report["schema"] = schema_probe(client, srv.base_url, args.runs, args.max_tokens)
+            print("  OpenAI-style json_schema:", report["schema"]["openai_json_schema_type"], flush=True)
         if "embed" not in args.skip:
             report["embed_mean"] = embedding_probe(srv.base_url)
             print("embeddings (mean pooling):", json.dumps(report["embed_mean"])[:800], flush=True)
@@ -204,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             report["concurrency"] = asyncio.run(concurrency_probe(srv.base_url))
             print("concurrency:", report["concurrency"], flush=True)
         client.close()
+    if "threads" not in args.skip:
+        print("threads and embedding mode:", flush=True)
+        report["threads"] = threads_probe(logdir)
     if "modes" not in args.skip:
         for name, kw in (("chat_only", {"embedding": False}), ("embedding_pooling_none", {"pooling": "none"})):
             log = logdir / f"probe_server_{name}.log"

@@ -15,6 +15,7 @@ from scripts.local_llm import LocalLLMError, LocalLLMServer, default_model, llam
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selection runs, so `-m "not real_llm"` sees the marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in Path(str(item.fspath)).resolve().parents:

@@ -7,17 +7,20 @@ from __future__ import annotations
 import json
 import math
 import signal
+import socket
 import subprocess
 import sys
 
 import openai
 import pytest
 
-from scripts.local_llm import DEFAULT_ALIAS, LocalLLMServer
+from scripts.local_llm import DEFAULT_ALIAS, LocalLLMError, LocalLLMServer
 
-pytestmark = [pytest.mark.real_llm, pytest.mark.integration]
+pytestmark = [pytest.mark.real_llm, pytest.mark.integration]  # also set by conftest for the whole folder
 
 FINISH_REASONS = {"stop", "length"}
+# llama-cpp-python 0.3.36 sometimes counts one token past max_tokens (seen: 513 for a 512 cap in JSON mode).
+OVER_CAP = 1
 SMOLLM2_DIM = 576
 
 
@@ -41,7 +44,7 @@ def test_chat_completion_without_json_mode(client):
     assert isinstance(choice.message.content, str)
     assert choice.finish_reason in FINISH_REASONS
     assert resp.usage.prompt_tokens > 0
-    assert 0 < resp.usage.completion_tokens <= 16
+    assert 0 < resp.usage.completion_tokens <= 16 + OVER_CAP
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
 
 
@@ -51,7 +54,7 @@ def test_chat_completion_with_json_mode(client):
         messages=[{"role": "user", "content": 'Reply with a JSON object {"colour": <one colour>}.'}])
     choice = resp.choices[0]
     assert choice.finish_reason in FINISH_REASONS
-    assert 0 < resp.usage.completion_tokens <= 96
+    assert 0 < resp.usage.completion_tokens <= 96 + OVER_CAP
     if choice.finish_reason == "stop":
         # JSON mode is a grammar: generation can only stop once the object is closed.
         assert isinstance(json.loads(choice.message.content), dict)
@@ -94,3 +97,13 @@ def test_cli_prints_ready_and_stops_on_ctrl_c(real_llm_available, repo_root):
             proc.kill()
             proc.wait()
     assert "stopped" in proc.stderr.read()
+
+
+def test_busy_fixed_port_is_a_clear_error_not_someone_elses_server(real_llm_available):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(LocalLLMError, match="exited with code") as err:
+            LocalLLMServer(embedding=False, n_ctx=512, port=port, startup_timeout_s=60).start()
+    assert "address already in use" in str(err.value).lower()

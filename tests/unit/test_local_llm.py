@@ -48,7 +48,7 @@ def test_server_command_sets_embedding_pooling_and_loopback(tmp_path):
     line = " ".join(cmd)
     assert cmd[1:3] == ["-m", "llama_cpp.server"]
     assert "--host 127.0.0.1 --port 0 --n_ctx 4096" in line
-    assert "--n_threads 2 --n_threads_batch 2" in line
+    assert "--n_threads 2 --n_threads_batch 2 --n_batch 512 --n_ubatch 512" in line
     assert "--embedding true --kv_overrides llama.pooling_type=int:1" in line
     chat_only = " ".join(server_command(f, embedding=False))
     assert "--embedding" not in chat_only and "pooling_type" not in chat_only
@@ -64,3 +64,21 @@ def test_missing_install_is_one_line_and_exit_2(monkeypatch, tmp_path, repo_root
                           cwd=repo_root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"local_llm: --model {tmp_path / 'absent.gguf'}: no such file"]
+
+
+def test_server_environment_makes_openmp_wait_passively_unless_the_user_chose(monkeypatch, tmp_path):
+    monkeypatch.setattr(local_llm, "llama_cpp_installed", lambda: True)
+    f = tmp_path / "m.gguf"
+    _gguf(f, [("general.architecture", 8, _str("llama"))])
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert local_llm.LocalLLMServer(model=f).environment()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert local_llm.LocalLLMServer(model=f).environment()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+@pytest.mark.parametrize("flag,value", [("--n-ctx", "10"), ("--threads", "0"), ("--n-batch", "0"), ("--port", "-1")])
+def test_bad_numbers_are_one_line_and_exit_2(flag, value, repo_root):
+    proc = subprocess.run([sys.executable, "-m", "scripts.local_llm", flag, value, "--print-model"], cwd=repo_root,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and flag in proc.stderr
