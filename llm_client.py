@@ -498,6 +498,10 @@ def _classify(exc: BaseException, *, task: str, endpoint: str, model: str, promp
         if code == 404:
             return LLMFatalError(f"model {model!r} or the API path not found at {endpoint} (HTTP 404): {msg}",
                                  task=task, kind="model", endpoint=endpoint)
+        if code >= 500 and "validation error" in msg[:40]:
+            # llama.cpp's server answers a request it cannot validate with 500: asking again changes nothing
+            return LLMCallError(f"{endpoint} rejected the {task} request (HTTP {code}): {msg}", task=task,
+                                kind="rejected", endpoint=endpoint)
         if code in (408, 409, 429) or code >= 500:
             return _Retryable(f"HTTP {code} from {endpoint}: {msg}", exc)
         if code in (400, 413, 422) and _CONTEXT_RE.search(msg):
@@ -772,9 +776,10 @@ class LLMClient:
                     self.usage.add(task, requests=1, latency_s=latency)
                     import openai
 
-                    if isinstance(exc, openai.BadRequestError) and "response_format" in kwargs \
-                            and "response_format" in str(exc):
-                        # Some OpenAI-compatible servers reject JSON mode: drop it once and send the same request.
+                    # Some OpenAI-compatible servers reject JSON mode (llama.cpp's with a 500 validation error):
+                    if isinstance(exc, openai.APIStatusError) and exc.status_code in (400, 422, 500) \
+                            and "response_format" in kwargs and "response_format" in str(exc):
+                        # drop it once and send the same request.
                         log.warning("%s rejected JSON mode; continuing without it", endpoint)
                         self._json_mode_supported = False
                         continue

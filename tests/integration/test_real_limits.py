@@ -177,3 +177,39 @@ def test_questions_in_built_sessions_keeps_only_answerable_ones(tmp_path, shared
     answered = [a["question_id"] for a in _jsonl(tmp_path / "run" / "answers.jsonl")]
     assert sorted(answered) == sorted(expected[:20])
     assert f"{len(expected)} of {len(sample.questions)}" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- what llama.cpp's server does
+
+def test_a_500_validation_error_is_not_retried_and_json_mode_rejected_as_500_falls_back(tmp_path):
+    """llama.cpp's server answers a request it cannot validate with HTTP 500 and a pydantic message (measured in
+    docs/local_llm.md): that is no transient fault. When the field it rejects is response_format, JSON mode is dropped
+    once, as for a 400."""
+    import asyncio
+
+    from llm_client import LLMCallError, LLMClient
+    from prompts import Prompt
+
+    def llama_like(task, body):
+        if "response_format" in body:
+            return JSONResponse({"error": {"message": "1 validation error:\n  {'type': 'literal_error', 'loc': "
+                                           "('body', 'response_format', 'type')}"}}, 500)
+        if body.get("temperature") == 0.0 and task == "answer":
+            return JSONResponse({"error": {"message": "1 validation error:\n  {'type': 'float_type'}"}}, 500)
+        return None
+
+    with ScriptedServer(raw_reply=llama_like) as srv:
+        client = LLMClient(provider="openai", base_url=srv.base_url, api_key="k", max_retries=3)
+
+        async def go():
+            try:
+                core = await client.chat(Prompt("agent.core", [{"role": "user", "content": "x"}], {}))
+                with pytest.raises(LLMCallError) as ei:
+                    await client.chat(Prompt("answer", [{"role": "user", "content": "q"}], {}), json_mode=False)
+                return core, ei.value
+            finally:
+                await client.aclose()
+
+        core, err = asyncio.run(go())
+        assert core.text and len(srv.requests(task_prefix="agent.core")) == 2  # with JSON mode, then without
+        assert err.kind == "rejected" and len(srv.requests(task_prefix="answer")) == 1
