@@ -402,6 +402,9 @@ class ClientSettings:
     max_tokens_by_task: dict | None = None  # {"agent": 6000, "core.compress": ..., "answer": ..., "judge": ...}
     cache_dir: str | None = None
     json_mode: bool = True
+    # llama.cpp's server extension: a JSON schema inside response_format turns JSON mode into a grammar that only
+    # admits the task's output shape (`OUTPUT_SCHEMAS`). OpenAI's API does not take it; off by default.
+    json_schema: bool = False
 
     def resolved(self) -> "ClientSettings":
         """Fill provider-specific defaults from the environment."""
@@ -537,6 +540,42 @@ def _reply_text(resp: Any) -> tuple[str, str | None]:
         raise _Retryable("malformed reply: the message 'content' is " + ("null" if content is None else
                                                                          type(content).__name__))
     return content, getattr(choice, "finish_reason", None)
+
+
+# --------------------------------------------------------------------------- output schemas
+
+def _str() -> dict:
+    return {"type": "string", "minLength": 1}
+
+
+def _entry_ops(actions: dict[str, dict]) -> dict:
+    items = [{"type": "object", "properties": {"action": {"const": op}, **fields},
+              "required": ["action", *(f for f in fields if op != "SKIP")], "additionalProperties": False}
+             for op, fields in actions.items()]
+    return {"type": "object", "properties": {"operations": {"type": "array", "items": {"oneOf": items}}},
+            "required": ["operations"], "additionalProperties": False}
+
+
+# The shape of each task's output (`parse_actions`, the judges), for servers that constrain generation by schema.
+OUTPUT_SCHEMAS: dict[str, dict] = {
+    "agent.core": {"oneOf": [
+        {"type": "object", "properties": {"operation": {"enum": ["APPEND", "REWRITE"]}, "content": _str()},
+         "required": ["operation", "content"], "additionalProperties": False},
+        {"type": "object", "properties": {"operation": {"const": "REPLACE"}, "old_text": _str(),
+                                          "new_text": {"type": "string"}},
+         "required": ["operation", "old_text", "new_text"], "additionalProperties": False}]},
+    "agent.episodic": _entry_ops({"ADD": {"memory": _str()}, "UPDATE": {"old_memory": _str(), "new_memory": _str()},
+                                  "MERGE": {"old_memories": {"type": "array", "items": _str(), "minItems": 1},
+                                            "new_memory": _str()}}),
+    "agent.semantic": _entry_ops({"ADD": {"memory": _str()}, "UPDATE": {"old_memory": _str(), "new_memory": _str()},
+                                  "SKIP": {"reason": {"type": "string"}}}),
+    "agent.procedural": _entry_ops({"ADD": {"memory": _str()},
+                                    "UPDATE": {"old_memory": _str(), "new_memory": _str()}}),
+    "core.compress": {"type": "object", "properties": {"content": _str()}, "required": ["content"],
+                      "additionalProperties": False},
+    "judge.paper": {"type": "object", "properties": {"label": {"enum": ["CORRECT", "WRONG"]}}, "required": ["label"],
+                    "additionalProperties": False},
+}
 
 
 # --------------------------------------------------------------------------- client
@@ -758,6 +797,9 @@ class LLMClient:
                 kwargs["max_tokens"] = int(cap)
             if json_mode and self._json_mode_supported:
                 kwargs["response_format"] = {"type": "json_object"}
+                schema = OUTPUT_SCHEMAS.get(task) if self.settings.json_schema else None
+                if schema is not None:
+                    kwargs["response_format"]["schema"] = schema
             t_wait = time.monotonic()
             async with st["chat_sem"]:
                 if clock is not None:
@@ -1034,6 +1076,9 @@ def add_call_budget_args(group, roles: tuple[str, ...] = ()) -> None:
                        help="seconds one attempt may take, to the whole reply (a deadline, not a read timeout)")
     group.add_argument("--call-deadline", type=float, default=config.DEFAULT_CALL_DEADLINE_S,
                        help="seconds one LLM call may take over all its attempts and backoff")
+    group.add_argument("--json-schema", action="store_true",
+                       help="send each task's output schema inside response_format (llama.cpp's server turns it into "
+                            "a grammar; OpenAI's API does not take it)")
     for role in roles:
         group.add_argument(f"--max-tokens-{role}", type=int, default=getattr(config, f"MAX_TOKENS_{role.upper()}"),
                            help=_CAP_HELP[role])
@@ -1051,7 +1096,7 @@ def call_budget(args) -> dict:
         if v is not None and v < 1:
             raise ValueError(f"--max-tokens-{role} must be at least 1")
     return {"max_retries": args.max_retries, "timeout_s": args.request_timeout, "call_deadline_s": args.call_deadline,
-            "max_tokens_by_task": config.max_tokens_table(**caps)}
+            "max_tokens_by_task": config.max_tokens_table(**caps), "json_schema": bool(args.json_schema)}
 
 
 def configure_logging(verbose: bool, *, level: int = logging.WARNING, timestamps: bool = False) -> None:

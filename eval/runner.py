@@ -709,7 +709,8 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
                      "questions": args.questions, "vector_store": args.vector_store,
                      "max_retries": args.max_retries, "max_attempts_per_call": args.max_retries + 1,
                      "request_timeout_s": args.request_timeout, "call_deadline_s": args.call_deadline,
-                     "max_tokens": rc.builder.max_tokens_by_task, "http_backend": http_backend()},
+                     "max_tokens": rc.builder.max_tokens_by_task, "json_schema": rc.builder.json_schema,
+                     "http_backend": http_backend()},
     })
     invocation["summary"] = summary
     return summary

@@ -213,3 +213,15 @@ def test_a_500_validation_error_is_not_retried_and_json_mode_rejected_as_500_fal
         core, err = asyncio.run(go())
         assert core.text and len(srv.requests(task_prefix="agent.core")) == 2  # with JSON mode, then without
         assert err.kind == "rejected" and len(srv.requests(task_prefix="answer")) == 1
+
+
+def test_json_schema_sends_each_tasks_output_shape(tmp_path):
+    from llm_client import OUTPUT_SCHEMAS
+
+    with ScriptedServer() as srv:
+        assert _run(*_common(srv, tmp_path, "--json-schema", "--sessions", "1", "--questions", "1")) == 0
+        sent = {r.task: (r.body.get("response_format") or {}).get("schema") for r in srv.requests(endpoint="chat")}
+    for task in ("agent.core", "agent.episodic", "agent.semantic", "agent.procedural", "judge.paper"):
+        assert sent[task] == OUTPUT_SCHEMAS[task]
+    assert sent["answer"] is None  # answers are free text: no JSON mode, no schema
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["settings"]["json_schema"] is True

@@ -141,6 +141,7 @@ class EngineSettings:
     max_tokens_answer: int = config.MAX_TOKENS_ANSWER
     max_tokens_judge: int = config.MAX_TOKENS_JUDGE
     max_tokens_compress: int = config.MAX_TOKENS_COMPRESS
+    json_schema: bool = False
     max_qa_pairs: int = 64  # per request: each costs an answer and a judgment
 
     def __post_init__(self) -> None:
@@ -160,7 +161,8 @@ class EngineSettings:
         caps = config.max_tokens_table(answer=self.max_tokens_answer, judge=self.max_tokens_judge,
                                        compress=self.max_tokens_compress)
         common = dict(max_in_flight=self.max_in_flight, max_retries=self.max_retries, timeout_s=self.timeout_s,
-                      call_deadline_s=self.call_deadline_s, cache_dir=self.cache_dir, max_tokens_by_task=caps)
+                      call_deadline_s=self.call_deadline_s, cache_dir=self.cache_dir, max_tokens_by_task=caps,
+                      json_schema=self.json_schema)
         answer = ClientSettings(provider=self.provider, model=self.model, base_url=self.base_url,
                                 api_key=self.api_key, **emb, **common)
         jprov = self.judge_provider or ("openai" if self.provider == "vllm" else self.provider)
