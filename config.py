@@ -66,6 +66,7 @@ REWARD_SERVER_PORT = 8765
 
 # LLM transport.
 DEFAULT_VLLM_BASE_URL = "http://localhost:8000/v1"
+OPENAI_PUBLIC_BASE_URL = "https://api.openai.com/v1"  # the SDK's endpoint when no base URL is set (named in messages)
 DEFAULT_MAX_RETRIES = _env_int("MEMBUILDER_MAX_RETRIES", 5)
 DEFAULT_REQUEST_TIMEOUT_S = _env_float("MEMBUILDER_REQUEST_TIMEOUT", 120.0)
 DEFAULT_MAX_IN_FLIGHT = _env_int("MEMBUILDER_MAX_IN_FLIGHT", 32)

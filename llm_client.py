@@ -452,12 +452,12 @@ class ClientSettings:
         return self.max_tokens
 
     def chat_endpoint(self) -> str:
-        return self.base_url or ("https://api.openai.com/v1" if self.provider == "openai" else "(none)")
+        return self.base_url or (config.OPENAI_PUBLIC_BASE_URL if self.provider == "openai" else "(none)")
 
     def embedding_endpoint(self) -> str:
         if self.embedding_provider == "offline":
             return "(local)"
-        return self.embedding_base_url or "https://api.openai.com/v1"
+        return self.embedding_base_url or config.OPENAI_PUBLIC_BASE_URL
 
 
 # --------------------------------------------------------------------------- errors
@@ -846,8 +846,8 @@ class LLMClient:
         s = self.settings
         if chat and not self.is_offline:
             if s.provider == "openai" and not s.base_url and not s.api_key:
-                raise LLMFatalError("no API key for the OpenAI API", task="preflight", kind="auth",
-                                    endpoint=s.chat_endpoint())
+                raise LLMFatalError(f"no API key for the OpenAI API ({s.chat_endpoint()})", task="preflight",
+                                    kind="auth", endpoint=s.chat_endpoint())
             prompt = Prompt("preflight.chat", [{"role": "user", "content": "Reply with the word OK."}], {})
             await self._preflight_loop(
                 lambda: self._request(prompt, json_mode=False, temperature=0.0,

@@ -134,13 +134,15 @@ def test_prepare_rl_data_exits_1_when_most_rows_can_only_score_0(tmp_path, capsy
 # --------------------------------------------------------------------------- 4. endpoints named
 
 def test_the_public_judge_is_warned_about_when_the_builder_is_local(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)  # so the judge's preflight stops before any request
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with ScriptedServer() as srv:
-        rc = _run("--dataset", "demo", "--provider", "vllm", "--base-url", srv.base_url, "--db-path",
-                  str(tmp_path / "db"), "--output-dir", str(tmp_path / "run"), "--request-timeout", "2")
+        rc = _run("--dataset", "demo", "--provider", "vllm", "--base-url", srv.base_url, "--embedding-base-url",
+                  srv.base_url, "--db-path", str(tmp_path / "db"), "--output-dir", str(tmp_path / "run"))
+        assert {r.task for r in srv.log} == {"preflight.chat", "preflight.embed"}
     err = capsys.readouterr().err
     assert "public OpenAI API" in err and "--judge-base-url" in err
-    assert rc == 2 and "https://api.openai.com/v1" in err.splitlines()[-1]  # the judge's preflight names the host
+    assert rc == 2 and config.OPENAI_PUBLIC_BASE_URL in err.splitlines()[-1]  # the judge's preflight names the host
 
 
 # --------------------------------------------------------------------------- 6. Ctrl-C in the training CLIs
