@@ -516,10 +516,6 @@ def _classify(exc: BaseException, *, task: str, endpoint: str, model: str, promp
     return _Retryable(f"malformed reply from {endpoint}: {type(exc).__name__}: {str(exc)[:200]}", exc)
 
 
-def _is_retryable(exc: BaseException) -> bool:
-    return isinstance(_classify(exc, task="", endpoint="", model="", prompt_tokens=0), _Retryable)
-
-
 def _estimate_tokens(text: str) -> int:
     return max(1, len(text) // 4) if text else 0
 

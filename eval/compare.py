@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 
 from eval import report_html, stats
 from eval.report_html import _e, _fmt_ci, _fmt_pct
-from llm_client import atomic_write_text
+from memory_store import atomic_write_text
 
 COMPARE_JSON = "compare.json"
 COMPARE_HTML = "compare.html"

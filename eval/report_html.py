@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from eval import metrics, stats
-from llm_client import atomic_write_text
+from memory_store import atomic_write_text
 
 log = logging.getLogger("eval.report_html")
 
@@ -308,12 +308,7 @@ def _method_label(method: Any) -> str:
     return {stats.WILSON: "Wilson", stats.CLUSTER_BOOTSTRAP: "bootstrap over samples"}.get(method, str(method or ""))
 
 
-def _describe(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}: {_describe(v)}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_describe(v) for v in value)
-    return str(value)
+_describe = metrics._describe  # one rendering of a mapping or list as text, shared with report.md
 
 
 def _dl(pairs: Iterable[tuple[str, Any]]) -> str:

@@ -579,7 +579,6 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
     invocation["clients"] = clients
     answers = judgments = None
     stats = BuildStats()
-    invocation["stats"] = stats
     timing: dict[str, float] = {}
     t_start = time.perf_counter()
     memories: dict[str, MemorySystem | None] = {}
