@@ -340,6 +340,22 @@ def no_op_actions() -> dict[str, list[Action]]:
 
 # --------------------------------------------------------------------------- vector index
 
+_OMP_SET = False
+
+
+def _one_search_thread() -> None:
+    """Searches here are one query over one sample's vectors: FAISS's OpenMP threads cannot speed that up, and
+    after each parallel region they spin-wait, taking a core from the event loop (and from a local model server)
+    at thousands of searches a second. One thread, unless OMP_NUM_THREADS says otherwise."""
+    global _OMP_SET
+    if not _OMP_SET:
+        _OMP_SET = True
+        if not os.environ.get("OMP_NUM_THREADS"):
+            import faiss
+
+            faiss.omp_set_num_threads(1)
+
+
 class VectorIndex:
     """Cosine similarity over L2-normalised vectors (FAISS inner product), keyed by entry position.
 
@@ -389,6 +405,7 @@ class VectorIndex:
         self._index.remove_ids(faiss.IDSelectorRange(max(n, self._offset), self.ntotal))
 
     def search(self, query: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[tuple[int, float]]:
+        _one_search_thread()
         hits: list[tuple[int, float]] = []
         if self.parent is not None:
             hits.extend(self.parent.search(query, k, allowed[allowed < self._offset] if allowed is not None else None))

@@ -142,6 +142,7 @@ class EngineSettings:
     max_tokens_judge: int = config.MAX_TOKENS_JUDGE
     max_tokens_compress: int = config.MAX_TOKENS_COMPRESS
     json_schema: bool = False
+    client_processes: int = 1  # >1: chat requests sent by that many worker processes (http_workers)
     max_qa_pairs: int = 64  # per request: each costs an answer and a judgment
 
     def __post_init__(self) -> None:
@@ -149,7 +150,7 @@ class EngineSettings:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, not {v!r}")
-        for name in ("max_in_flight", "max_qa_pairs", "state_cache_size", "answer_top_k"):
+        for name in ("max_in_flight", "max_qa_pairs", "state_cache_size", "answer_top_k", "client_processes"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, not {v!r}")
@@ -162,7 +163,7 @@ class EngineSettings:
                                        compress=self.max_tokens_compress)
         common = dict(max_in_flight=self.max_in_flight, max_retries=self.max_retries, timeout_s=self.timeout_s,
                       call_deadline_s=self.call_deadline_s, cache_dir=self.cache_dir, max_tokens_by_task=caps,
-                      json_schema=self.json_schema)
+                      json_schema=self.json_schema, client_processes=self.client_processes)
         answer = ClientSettings(provider=self.provider, model=self.model, base_url=self.base_url,
                                 api_key=self.api_key, **emb, **common)
         jprov = self.judge_provider or ("openai" if self.provider == "vllm" else self.provider)

@@ -462,7 +462,7 @@ def settings_from_args(args: argparse.Namespace) -> EngineSettings:
         max_in_flight=args.max_in_flight, max_retries=args.max_retries, timeout_s=args.request_timeout,
         call_deadline_s=args.call_deadline, max_tokens_answer=args.max_tokens_answer,
         max_tokens_judge=args.max_tokens_judge, max_tokens_compress=args.max_tokens_compress,
-        json_schema=args.json_schema,
+        json_schema=args.json_schema, client_processes=args.client_processes,
         answer_top_k=args.top_k, state_cache_size=args.state_cache_size,
         rendezvous_timeout_s=args.rendezvous_timeout, cache_dir=args.cache_dir, max_qa_pairs=args.max_qa_pairs)
 
