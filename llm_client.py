@@ -10,6 +10,8 @@ question.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import json
 import logging
@@ -966,19 +968,33 @@ class LLMClient:
                                                           show_progress_bar=False), dtype=np.float32)
 
     def _embedding_vectors(self, resp: Any, n: int, task: str) -> np.ndarray:
-        """The reply's vectors as an (n, d) array, checked: one flat numeric vector of one dimension per input."""
+        """The reply's vectors as an (n, d) array, checked: one flat numeric vector of one dimension per input.
+        `resp` is the reply's JSON body; a vector is a list of numbers or, as the SDK asks by default, base64 of
+        little-endian float32."""
         endpoint = self.settings.embedding_endpoint()
-        data = getattr(resp, "data", None)
+        data = resp.get("data") if isinstance(resp, dict) else None
         if not isinstance(data, list) or len(data) != n:
             raise _Retryable(f"malformed embeddings reply from {endpoint}: "
                              f"{len(data) if isinstance(data, list) else 'no'} vectors for {n} inputs")
-        try:
-            data = sorted(data, key=lambda d: d.index)
-        except (AttributeError, TypeError):
-            pass
+        if all(isinstance(d, dict) and isinstance(d.get("index"), int) for d in data):
+            data = sorted(data, key=lambda d: d["index"])
         rows = []
         for d in data:
-            vec = getattr(d, "embedding", None)
+            vec = d.get("embedding") if isinstance(d, dict) else None
+            if isinstance(vec, str):
+                try:
+                    raw = base64.b64decode(vec, validate=True)
+                except (ValueError, binascii.Error):
+                    raw = b""
+                if not raw or len(raw) % 4:
+                    raise LLMCallError(f"{endpoint} returned a base64 embedding that is not float32 data",
+                                       task=task, kind="invalid", endpoint=endpoint)
+                row = np.frombuffer(raw, dtype="<f4")
+                if not np.isfinite(row).all():
+                    raise LLMCallError(f"{endpoint} returned an embedding with non-finite values", task=task,
+                                       kind="invalid", endpoint=endpoint)
+                rows.append(row)
+                continue
             if isinstance(vec, list) and vec and isinstance(vec[0], list):
                 if self.settings.embedding_pooling == "mean":
                     vec = np.asarray(vec, dtype=np.float64).mean(axis=0).tolist() if len({len(v) for v in vec}) == 1 \
@@ -989,7 +1005,8 @@ class LLMClient:
                         "server with a pooling type (llama.cpp: --embedding true with pooling mean/cls), or set "
                         "MEMBUILDER_EMBEDDING_POOLING=mean to average them here", task=task, kind="config",
                         endpoint=endpoint)
-            if not isinstance(vec, list) or not vec or not all(isinstance(x, (int, float)) for x in vec):
+            if not isinstance(vec, list) or not vec or \
+                    not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec):
                 raise LLMCallError(f"{endpoint} returned an embedding that is not a flat list of numbers",
                                    task=task, kind="invalid", endpoint=endpoint)
             rows.append(vec)
@@ -1005,8 +1022,12 @@ class LLMClient:
             t0 = time.perf_counter()
             try:
                 async with asyncio.timeout(timeout):
-                    resp = await self._openai("embed").embeddings.create(
-                        model=self.settings.embedding_model, input=chunk, extra_headers={TASK_HEADER: task})
+                    # The SDK's generic POST with the body `embeddings.create` sends (base64 vectors): its typed
+                    # response would build one object per number (seconds for a few thousand 1,536-d vectors).
+                    resp = await self._openai("embed").post(
+                        "/embeddings", body={"model": self.settings.embedding_model, "input": chunk,
+                                             "encoding_format": "base64"},
+                        cast_to=object, options={"headers": {TASK_HEADER: task}})
             except Exception as exc:  # noqa: BLE001
                 self.usage.add(task, requests=1, latency_s=time.perf_counter() - t0)
                 raise _classify(exc, task=task, endpoint=endpoint, model=self.settings.embedding_model,

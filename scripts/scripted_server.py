@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import hashlib
 import json
 import random
@@ -127,6 +128,10 @@ class _FastPaths:
             return
         response = await handler(Request(scope, receive))
         await response(scope, receive, send)
+
+
+def _b64_floats(vec: list[float]) -> str:
+    return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
 
 
 @dataclass
@@ -287,8 +292,10 @@ class ScriptedServer:
                 if fault:
                     rec.status, rec.fault = int(fault.split(":")[-1]), fault
                     return fault_response(fault)
-                data = [{"object": "embedding", "index": i, "embedding": hashed_embedding(str(t), self.embed_dim)}
-                        for i, t in enumerate(inputs)]
+                b64 = body.get("encoding_format") == "base64"  # what the SDK asks by default, as OpenAI answers it
+                data = [{"object": "embedding", "index": i,
+                         "embedding": _b64_floats(v) if b64 else v}
+                        for i, v in enumerate(hashed_embedding(str(t), self.embed_dim) for t in inputs)]
                 return JSONResponse({"object": "list", "data": data, "model": body.get("model", "scripted-embed"),
                                      "usage": {"prompt_tokens": 0, "total_tokens": 0}})
             finally:
