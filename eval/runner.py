@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--concurrency", type=int, default=8, help="questions answered and judged at once")
     r.add_argument("--parallel", action="store_true", help="build samples concurrently")
     r.add_argument("--workers", type=int, default=4, help="samples built at once with --parallel")
+    r.add_argument("--no-lookahead", action="store_true",
+                   help="embed each session's retrieval query and each question on its own, in its own round trip "
+                        "(as the paper's release does), instead of in batched requests ahead; same results")
     r.add_argument("--max-in-flight", type=int, help="LLM requests in flight per endpoint "
                                                      "(default max(32, 4 x workers, 3 x concurrency))")
     add_call_budget_args(r, ("builder", "compress", "answer", "judge"))
@@ -313,7 +316,7 @@ async def build_sample(sample: Sample, rc: RunConfig, builder: LLMClient, embedd
 
     todo = [x for x in sessions if x.id not in done]
     try:
-        lookahead = await session_query_vectors(ms, todo)
+        lookahead = {} if rc.args.no_lookahead else await session_query_vectors(ms, todo)
     except LLMCallError as exc:
         if not todo:
             raise
@@ -454,15 +457,14 @@ async def answer_question(sample: Sample, q: Question, ms: MemorySystem | None, 
                              "error": f"judge: {v.error}" if v.error else None})
 
 
-async def question_vectors(ms: MemorySystem, qs: Sequence[Question], answers: Journal,
-                           build_error: str | None) -> dict:
+async def question_vectors(embedder: LLMClient, qs: Sequence[Question], answers: Journal) -> dict:
     """The retrieval embeddings of the questions still to answer, in batched requests ahead of answering (one
     round trip fewer per question). A failed batch is handed to each question as its error."""
     todo = [q for q in qs if (answers.records.get(q.id) or {}).get("error", True)]
-    if build_error or not todo or not ms.state.entries:
+    if not todo:
         return {}
     try:
-        vecs = await ms.embedder.embed([q.text for q in todo], task="embed.query")
+        vecs = await embedder.embed([q.text for q in todo], task="embed.query")
     except LLMCallError as exc:
         return {q.id: exc for q in todo}
     return {q.id: vecs[i] for i, q in enumerate(todo)}
@@ -623,14 +625,27 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
 
         async def one_sample(sample: Sample) -> None:
             ms: MemorySystem | None = None
-            if args.mode in ("build", "full"):
-                async with wsem:
-                    t0 = time.perf_counter()
-                    ms = await build_sample(sample, rc, builder, embedder, stats, progress)
-                    build_spans.append((t0, time.perf_counter()))
-            if args.mode == "build":
-                memories[sample.id] = ms
-                return
+            qs = sample.questions[: args.questions] if args.questions else sample.questions
+            # In a full run the questions' embeddings are fetched while the memory builds: off the critical path.
+            ahead = asyncio.create_task(question_vectors(embedder, qs, answers)) \
+                if args.mode == "full" and not args.no_lookahead else None
+            try:
+                if args.mode in ("build", "full"):
+                    async with wsem:
+                        t0 = time.perf_counter()
+                        ms = await build_sample(sample, rc, builder, embedder, stats, progress)
+                        build_spans.append((t0, time.perf_counter()))
+                if args.mode == "build":
+                    memories[sample.id] = ms
+                    return
+                await answer_sample(sample, ms, qs, ahead)
+            finally:
+                if ahead is not None:  # unused when the build stopped or left no entries
+                    ahead.cancel()
+                    await asyncio.gather(ahead, return_exceptions=True)
+
+        async def answer_sample(sample: Sample, ms: MemorySystem | None, qs: Sequence[Question],
+                                ahead: asyncio.Task | None) -> None:
             if ms is None:
                 ms = await asyncio.to_thread(MemorySystem.load, _sample_dir(rc, sample), None, embedder=embedder)
                 await ms.ensure_index()
@@ -639,9 +654,13 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
             stopped = ms.meta.get("stopped") or ({"reason": ms.meta["build_error"]} if ms.meta.get("build_error")
                                                  else None)
             build_error = stats.sample_errors.get(sample.id) or (stopped or {}).get("reason")
-            qs = sample.questions[: args.questions] if args.questions else sample.questions
             t0 = time.perf_counter()
-            qvecs = await question_vectors(ms, qs, answers, build_error)
+            if build_error or not ms.state.entries or args.no_lookahead:
+                qvecs = {}  # nothing to retrieve from (the questions are recorded failed, or answered from no memory)
+            elif ahead is not None:
+                qvecs = await ahead
+            else:
+                qvecs = await question_vectors(embedder, qs, answers)
 
             async def q_task(q: Question) -> None:
                 await answer_question(sample, q, ms, rc, answerer, judge, answers, judgments, qsem, build_error,

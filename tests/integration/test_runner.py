@@ -111,6 +111,34 @@ def test_scripted_server_entries_and_accuracy_are_exact(tmp_path, shared_data):
     assert answer_models == {"scripted-builder"}
 
 
+def test_lookahead_gives_the_same_memory_and_answers_in_fewer_round_trips(tmp_path, shared_data):
+    """Session queries and questions embedded ahead in batches (the default) against one request each
+    (--no-lookahead, as the paper's release): the same memory and the same answers and verdicts."""
+    runs = {}
+    for name, extra in (("ahead", ()), ("one-by-one", ("--no-lookahead",))):
+        out, db = tmp_path / name / "run", tmp_path / name / "db"
+        with ScriptedServer() as srv:
+            assert _run("--dataset", "locomo", "--data-dir", str(shared_data), "--provider", "openai",
+                        "--base-url", srv.base_url, "--api-key", "k", "--sessions", "4", "--questions", "12",
+                        "--output-dir", str(out), "--db-path", str(db), *extra) == 0
+            embeds = Counter(r.task for r in srv.requests(endpoint="embeddings"))
+            agents = [(r.t_start, r.t_end) for r in srv.requests(task_prefix="agent.")]
+            queries = [r.t_start for r in srv.requests(endpoint="embeddings") if r.task == "embed.query"]
+        mem = {c: [(e["id"], e["type"], e["text"]) for e in _memory(db, c)["entries"]] for c in ("conv-26", "conv-30")}
+        answers = sorted((r["question_id"], r["answer"], tuple(r["retrieved_ids"]))
+                         for r in _load_jsonl(out / "answers.jsonl"))
+        verdicts = sorted((r["question_id"], r["label"]) for r in _load_jsonl(out / "judgments.jsonl"))
+        runs[name] = (mem, answers, verdicts, embeds, agents, queries)
+    ahead, single = runs["ahead"], runs["one-by-one"]
+    assert ahead[0] == single[0] and sum(map(len, ahead[0].values())) > 0
+    assert ahead[1] == single[1] and ahead[2] == single[2]
+    # Two samples: one batched request of session queries and one of questions each, against one per item.
+    assert ahead[3]["embed.session"] == 2 and single[3]["embed.session"] == 2 * 3  # the first session searches nothing
+    assert ahead[3]["embed.query"] == 2 and single[3]["embed.query"] == 24
+    # In a full run the questions' embeddings are fetched while the memory builds, not after it.
+    assert max(ahead[5]) < max(end for _, end in ahead[4])
+
+
 def test_two_step_evaluation_build_then_answer_with_another_model(tmp_path):
     out, db = tmp_path / "run", tmp_path / "db"
     with ScriptedServer() as srv:
