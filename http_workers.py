@@ -194,6 +194,24 @@ async def release_pool(pool: WorkerPool) -> None:
         await pool.aclose()
 
 
+def workers_cpu_s() -> float:
+    """CPU seconds the live worker processes of every pool have used (0 without psutil)."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    total = 0.0
+    for _, pool in list(_POOLS.values()):
+        for w in pool._workers:
+            if w.alive:
+                try:
+                    t = psutil.Process(w.proc.pid).cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass
+    return total
+
+
 def rebuild_error(detail: tuple, sdk_client: Any) -> BaseException:
     """The SDK exception a worker reported, rebuilt in the caller (`sdk_client`: any AsyncOpenAI of the caller)."""
     import httpx2

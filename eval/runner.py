@@ -592,6 +592,13 @@ def _freeze() -> None:
     gc.freeze()
 
 
+def _cpu_now() -> float:
+    """CPU seconds of this process and of its HTTP worker processes (--client-processes) so far."""
+    import http_workers
+
+    return time.process_time() + http_workers.workers_cpu_s()
+
+
 async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
     args = rc.args
     progress = Progress(not args.no_progress)
@@ -622,6 +629,7 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
         wsem = asyncio.Semaphore(args.workers if args.parallel else 1)
         build_spans: list[tuple[float, float]] = []  # (start, end) per sample, to report each stage's wall time
         qa_spans: list[tuple[float, float]] = []
+        cpu_marks: dict[str, float] = {}  # CPU of this process and its workers at each stage's first start, last end
 
         async def one_sample(sample: Sample) -> None:
             ms: MemorySystem | None = None
@@ -633,8 +641,10 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
                 if args.mode in ("build", "full"):
                     async with wsem:
                         t0 = time.perf_counter()
+                        cpu_marks.setdefault("build_start", _cpu_now())
                         ms = await build_sample(sample, rc, builder, embedder, stats, progress)
                         build_spans.append((t0, time.perf_counter()))
+                        cpu_marks["build_end"] = _cpu_now()
                 if args.mode == "build":
                     memories[sample.id] = ms
                     return
@@ -655,6 +665,7 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
                                                  else None)
             build_error = stats.sample_errors.get(sample.id) or (stopped or {}).get("reason")
             t0 = time.perf_counter()
+            cpu_marks.setdefault("answer_judge_start", _cpu_now())
             if build_error or not ms.state.entries or args.no_lookahead:
                 qvecs = {}  # nothing to retrieve from (the questions are recorded failed, or answered from no memory)
             elif ahead is not None:
@@ -671,6 +682,7 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
             await answers.sync()
             await judgments.sync()
             qa_spans.append((t0, time.perf_counter()))
+            cpu_marks["answer_judge_end"] = _cpu_now()
 
         with _few_collections():
             await asyncio.gather(*(one_sample(s) for s in samples))
@@ -681,6 +693,7 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
             if spans:
                 timing[f"{stage}_wall_s"] = round(max(e for _, e in spans) - min(b for b, _ in spans), 3)
                 timing[f"{stage}_s_sum_over_samples"] = round(sum(e - b for b, e in spans), 3)
+                timing[f"{stage}_cpu_s"] = round(cpu_marks[f"{stage}_end"] - cpu_marks[f"{stage}_start"], 3)
     finally:
         progress.close()
         for j in (answers, judgments):

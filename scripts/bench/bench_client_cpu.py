@@ -1,16 +1,23 @@
-"""CPU our own process spends per LLM request at high concurrency, by HTTP transport.
+"""CPU our own processes spend per LLM request at high concurrency: before and after, measured in one run.
 
-The scripted OpenAI-compatible server runs in a process of its own; this process sends N chat requests through
-`LLMClient.chat` (the real `openai` SDK) with C in flight and measures its own CPU time (user + system) per request.
-"httpx" is the SDK's default transport (what the client used before it detected openai 3.x's vendored aiohttp
-transport), "aiohttp" the transport the client now selects. Each transport is measured in a fresh child process.
+The scripted OpenAI-compatible server runs in a process of its own; each variant runs in a fresh child process that
+sends N answer-sized chat requests with C in flight and measures the CPU (user + system) of itself and of any
+worker processes it started, per request:
 
-    python -m scripts.bench.bench_client_cpu [--requests 2000] [--concurrency 128]
+  before, httpx     the SDK's typed `chat.completions.create` on its default httpx transport (the client until
+                    issue 7)
+  before, aiohttp   the same call on the SDK's aiohttp transport (the client until issue 9)
+  now               `LLMClient.chat` in process: the SDK's generic POST on aiohttp (no typed transform of the request,
+                    no model built from the reply)
+  now, N workers    `LLMClient.chat` with `client_processes=N`: the event loop's own CPU, and the workers' beside it
+
+    python -m scripts.bench.bench_client_cpu [--requests 2000] [--concurrency 128] [--workers 2]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -22,56 +29,107 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# An answer prompt's shape: a system message and a user message with 20 retrieved entries.
+MESSAGES = [{"role": "system", "content": "You answer questions from a user's long-term memory. " * 8},
+            {"role": "user", "content": "Retrieved memories:\n" + "\n".join(
+                f"{i + 1}. [EPISODIC] On 2024-03-{i + 1:02d} the user visited place {i} with a friend." for i in range(20))
+             + "\n\nCurrent date: 2024-12-01\nQuestion: Where did I go in March?"}]
 
-async def _send(url: str, n: int, c: int) -> dict:
-    from llm_client import LLMClient, http_backend
+
+def _children_cpu(me) -> float:
+    total = 0.0
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except Exception:  # noqa: BLE001 - a child that just exited
+            pass
+    return total
+
+
+async def _send(url: str, variant: str, n: int, c: int, workers: int) -> dict:
+    import psutil
+
+    from llm_client import TASK_HEADER, LLMClient
     from prompts import Prompt
 
-    client = LLMClient(provider="openai", base_url=url, api_key="bench", max_in_flight=c, max_retries=0)
+    me = psutil.Process()
     sem = asyncio.Semaphore(c)
-    prompt = Prompt("answer", [{"role": "user", "content": "Question: what did I say?"}], {})
+    client = sdk = None
+    if variant.startswith("before"):
+        import openai
+
+        extra = {"http_client": openai.DefaultAioHttpClient()} if variant == "before-aiohttp" else {}
+        sdk = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, **extra)
+
+        async def request() -> None:
+            resp = await sdk.chat.completions.create(model="m", messages=MESSAGES, temperature=0.0, max_tokens=256,
+                                                     extra_headers={TASK_HEADER: "answer"})
+            assert resp.choices[0].message.content
+    else:
+        client = LLMClient(provider="openai", base_url=url, api_key="bench", max_in_flight=c, max_retries=0,
+                           client_processes=workers if variant == "workers" else 1)
+        prompt = Prompt("answer", MESSAGES, {})
+
+        async def request() -> None:
+            res = await client.chat(prompt, json_mode=False)
+            assert res.text
 
     async def one() -> None:
         async with sem:
-            await client.chat(prompt, json_mode=False)
+            await request()
 
-    await asyncio.gather(*(one() for _ in range(min(c, n))))  # warm up connections and the SDK
-    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(min(2 * c, n))))  # warm up connections, workers and the SDK
+    gc.collect()
+    cpu0, kids0, t0 = time.process_time(), _children_cpu(me), time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - t0
-    await client.aclose()
-    return {"backend": http_backend(), "cpu_ms_per_request": 1000 * cpu / n, "requests_per_s": n / wall}
+    cpu, kids, wall = time.process_time() - cpu0, _children_cpu(me) - kids0, time.perf_counter() - t0
+    if client is not None:
+        await client.aclose()
+    if sdk is not None:
+        await sdk.close()
+    return {"loop_ms": 1000 * cpu / n, "workers_ms": 1000 * kids / n, "requests_per_s": n / wall}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m scripts.bench.bench_client_cpu", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=2000)
     p.add_argument("--concurrency", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the last variant")
     p.add_argument("--latency", type=float, default=0.02)
-    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=2, metavar=("URL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(asyncio.run(_send(args.child, args.requests, args.concurrency))))
+        url, variant = args.child
+        print(json.dumps(asyncio.run(_send(url, variant, args.requests, args.concurrency, args.workers))))
         return 0
     from scripts.bench.bench_runner import start_scripted_server
 
+    names = {"before-httpx": "before, httpx (SDK create)", "before-aiohttp": "before, aiohttp (SDK create)",
+             "now": "now, in process (SDK post)", "workers": f"now, {args.workers} worker processes"}
     server, url = start_scripted_server(args.latency)
     results = {}
     try:
-        for backend in ("httpx", "aiohttp"):
-            env = {**os.environ, "PYTHONPATH": str(ROOT), "MEMBUILDER_HTTP_BACKEND": backend}
-            out = subprocess.run([sys.executable, "-m", "scripts.bench.bench_client_cpu", "--child", url,
-                                  "--requests", str(args.requests), "--concurrency", str(args.concurrency)],
+        for variant in names:
+            env = {**os.environ, "PYTHONPATH": str(ROOT)}
+            out = subprocess.run([sys.executable, "-m", "scripts.bench.bench_client_cpu", "--child", url, variant,
+                                  "--requests", str(args.requests), "--concurrency", str(args.concurrency),
+                                  "--workers", str(args.workers)],
                                  cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-            results[backend] = json.loads(out.stdout.strip().splitlines()[-1])
+            results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         server.terminate()
         server.wait(timeout=10)
-    for name, r in results.items():
-        print(f"{name:8s} ({r['backend']}): {r['cpu_ms_per_request']:.2f} ms CPU per request, "
-              f"{r['requests_per_s']:.0f} requests/s at concurrency {args.concurrency}")
-    h, a = results["httpx"]["cpu_ms_per_request"], results["aiohttp"]["cpu_ms_per_request"]
-    print(f"aiohttp / httpx CPU per request: {a / h:.2f}")
+    print(f"{args.requests} answer-sized chat requests, {args.concurrency} in flight, scripted server at "
+          f"{args.latency * 1000:.0f} ms; CPU per request of our processes (the server's own not counted)")
+    for variant, r in results.items():
+        extra = f" + {r['workers_ms']:.2f} ms in the workers" if variant == "workers" else ""
+        print(f"  {names[variant]:34s}: {r['loop_ms']:.2f} ms on the event loop{extra}; "
+              f"{r['requests_per_s']:.0f} requests/s")
+    before, now = results["before-aiohttp"]["loop_ms"], results["now"]["loop_ms"]
+    w = results["workers"]
+    print(f"event-loop CPU per request: now / before (aiohttp) = {now / before:.2f}; with {args.workers} workers "
+          f"{w['loop_ms'] / before:.2f} on the loop, {(w['loop_ms'] + w['workers_ms']) / before:.2f} in all")
     return 0
 
 
