@@ -75,7 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from scripts.bench.machine import cpu_steal, steal_share
+
     server, url = start_scripted_server(args.latency)
+    st0 = cpu_steal()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -109,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.terminate()
         server.wait(timeout=10)
+    steal = steal_share(st0, cpu_steal())
     b_ratio = build_s / build_ideal
     print(f"scripted server latency {args.latency * 1000:.0f} ms per request; the runner with --client-processes "
-          f"{args.client_processes}")
+          f"{args.client_processes}; the hypervisor took {steal:.0%} of the machine's CPU time during the run (steal)")
     print(f"build  : {args.samples} samples (longest {s_max} sessions), --parallel --workers {args.samples}: "
           f"{build_s:.2f} s vs (2 x {s_max} + 1) x {args.latency:.2f} = {build_ideal:.2f} s -> ratio {b_ratio:.2f} "
           f"(limit {LIMIT_BUILD})")
