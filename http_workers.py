@@ -13,7 +13,8 @@ caller stops waiting for (its deadline) is cancelled in the worker; a worker tha
 connection error (retried by the caller) and the next request starts a new one.
 
 Frames on the pipes: a 4-byte big-endian length, then a pickle (the peers are this process and its children).
-    parent -> worker  ("post", id, (base_url, api_key, timeout_s, aiohttp), path, body, headers) | ("cancel", id)
+    parent -> worker  ("post", id, cfg, path, body, headers) | ("cancel", id) | ("client", cfg)   (build it ahead)
+                      cfg = (base_url, api_key, timeout_s, aiohttp)
     worker -> parent  ("ready",) | ("ok", id, json) | ("err", id, (kind, detail...))
 
     python http_workers.py     (started by `WorkerPool`; not a command for users)
@@ -70,6 +71,7 @@ class WorkerPool:
         self._ids = itertools.count(1)
         self._starting: asyncio.Task | None = None
         self._closed = False
+        self._cfgs: list[tuple] = []  # every client configuration seen: each worker builds its SDK client ahead
 
     async def _spawn(self) -> _Worker:
         proc = await asyncio.create_subprocess_exec(
@@ -88,6 +90,8 @@ class WorkerPool:
             raise WorkerGone(f"an HTTP worker process said {hello!r} instead of ready")
         w = _Worker(proc)
         w.reader_task = asyncio.create_task(self._read(w))
+        for cfg in self._cfgs:
+            proc.stdin.write(_frame(("client", cfg)))
         return w
 
     async def _fill(self) -> None:
@@ -127,6 +131,15 @@ class WorkerPool:
         live = [w for w in self._workers if w.alive]
         if not live:
             raise WorkerGone("no HTTP worker process is running")
+        if cfg not in self._cfgs:
+            # Building an SDK client costs ~0.1 s (its SSL context, the aiohttp session): every worker builds this
+            # one now, not the first time a request lands on it (a wave of requests would wait for it).
+            self._cfgs.append(cfg)
+            for other in live:
+                try:
+                    other.proc.stdin.write(_frame(("client", cfg)))
+                except (ConnectionError, RuntimeError):
+                    pass
         w = min(live, key=lambda x: len(x.pending))
         rid = next(self._ids)
         fut = asyncio.get_running_loop().create_future()
@@ -273,15 +286,19 @@ async def _serve() -> None:
     clients: dict[tuple, Any] = {}
     tasks: dict[int, asyncio.Task] = {}
 
+    def client_for(cfg: tuple):
+        client = clients.get(cfg)
+        if client is None:
+            base_url, api_key, timeout_s, aiohttp = cfg
+            extra = {"http_client": openai.DefaultAioHttpClient()} if aiohttp else {}
+            client = clients[cfg] = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
+                                                       timeout=timeout_s, **extra)
+        return client
+
     async def post(rid: int, cfg: tuple, path: str, body: dict, headers: dict) -> None:
-        base_url, api_key, timeout_s, aiohttp = cfg
-        url = f"{(base_url or 'https://api.openai.com/v1').rstrip('/')}{path}"
+        url = f"{(cfg[0] or 'https://api.openai.com/v1').rstrip('/')}{path}"
         try:
-            client = clients.get(cfg)
-            if client is None:
-                extra = {"http_client": openai.DefaultAioHttpClient()} if aiohttp else {}
-                client = clients[cfg] = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
-                                                           timeout=timeout_s, **extra)
+            client = client_for(cfg)
             out = ("ok", rid, await client.post(path, body=body, cast_to=object, options={"headers": headers}))
         except asyncio.CancelledError:
             return
@@ -303,6 +320,11 @@ async def _serve() -> None:
                 break  # the caller closed the pipe (or exited): stop
             if msg[0] == "post":
                 tasks[msg[1]] = asyncio.create_task(post(*msg[1:]))
+            elif msg[0] == "client":
+                try:
+                    client_for(msg[1])
+                except Exception:  # noqa: BLE001 - the request that needs it will report the error
+                    pass
             elif msg[0] == "cancel":
                 task = tasks.pop(msg[1], None)
                 if task is not None:
