@@ -260,7 +260,11 @@ def _portable(exc: BaseException, url: str) -> tuple:
 
     if isinstance(exc, openai.APIStatusError):
         r = exc.response
-        return ("status", r.status_code, dict(r.headers), r.content, str(r.request.url) if r.request else url)
+        try:
+            url = str(r.request.url)
+        except RuntimeError:  # a response without its request
+            pass
+        return ("status", r.status_code, dict(r.headers), r.content, url)
     if isinstance(exc, openai.APITimeoutError):
         return ("timeout", url)
     if isinstance(exc, openai.APIConnectionError):
@@ -296,9 +300,10 @@ async def _serve() -> None:
         return client
 
     async def post(rid: int, cfg: tuple, path: str, body: dict, headers: dict) -> None:
-        url = f"{(cfg[0] or 'https://api.openai.com/v1').rstrip('/')}{path}"
+        url = path
         try:
             client = client_for(cfg)
+            url = f"{str(client.base_url).rstrip('/')}{path}"  # the SDK's default host where base_url is None
             out = ("ok", rid, await client.post(path, body=body, cast_to=object, options={"headers": headers}))
         except asyncio.CancelledError:
             return
