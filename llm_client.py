@@ -27,6 +27,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 
 import config
+import http_workers
 from memory_store import atomic_write_text
 from prompts import Prompt
 
@@ -497,7 +498,7 @@ def _classify(exc: BaseException, *, task: str, endpoint: str, model: str, promp
 
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, openai.APITimeoutError)):
         return _Retryable(f"no complete reply within the request timeout at {endpoint}", exc)
-    if type(exc).__name__ == "WorkerGone":  # http_workers: the process sending the request died
+    if isinstance(exc, http_workers.WorkerGone):  # the worker process sending the request died
         return _Retryable(f"cannot reach {endpoint}: {exc}", exc)
     if isinstance(exc, openai.APIConnectionError):
         return _Retryable(f"cannot reach {endpoint}: {type(exc).__name__}: {_http_message(exc)}", exc)
@@ -868,8 +869,6 @@ class LLMClient:
         if s.client_processes <= 1:
             return await self._openai("chat").post("/chat/completions", body=body, cast_to=object,
                                                    options={"headers": headers})
-        import http_workers
-
         st = self._loop_state()
         if st["pool"] is None:
             st["pool"] = http_workers.acquire_pool(s.client_processes)
@@ -1078,8 +1077,6 @@ class LLMClient:
     async def aclose(self) -> None:
         for st in self._per_loop.values():
             if st.get("pool") is not None and not st["loop"].is_closed():
-                import http_workers
-
                 pool, st["pool"] = st["pool"], None
                 await http_workers.release_pool(pool)
             for kind in ("chat", "embed"):

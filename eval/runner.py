@@ -41,6 +41,7 @@ from llm_client import (AVAILABLE_PROVIDERS, ClientSettings, LLMCallError, LLMCl
                         usage_by_stage)
 from memory_store import (MemoryStoreError, SessionLog, StoreError, append_jsonl, atomic_write_text,
                           check_output_dir, locked, read_faiss_index, read_jsonl_records, read_memory_file)
+import http_workers
 from memory_system import INDEX_FILE, MEMORY_FILE, MemorySystem
 
 log = logging.getLogger("eval.runner")
@@ -576,7 +577,7 @@ def _few_collections():
     """Fewer, cheaper garbage collections while the stages run. Thousands of requests a second allocate millions of
     short-lived objects: at the default thresholds (700, 10, 10) the collector ran ~1,000 times in a 2,000-question
     run and, with the loaded data and the SDK's types in the scanned generations, took ~20% of the event loop's CPU.
-    What exists before the stages (and each loaded memory, see `_freeze`) is frozen out of the scans; the young
+    What exists before the stages (and each loaded memory) is frozen out of the scans; the young
     generation collects every 50,000 allocations. Restored afterwards (tests run many runs in one process)."""
     old = gc.get_threshold()
     gc.freeze()
@@ -588,14 +589,8 @@ def _few_collections():
         gc.unfreeze()
 
 
-def _freeze() -> None:
-    gc.freeze()
-
-
 def _cpu_now() -> float:
     """CPU seconds of this process and of its HTTP worker processes (--client-processes) so far."""
-    import http_workers
-
     return time.process_time() + http_workers.workers_cpu_s()
 
 
@@ -659,7 +654,7 @@ async def run(rc: RunConfig, samples: list[Sample], invocation: dict) -> dict:
             if ms is None:
                 ms = await asyncio.to_thread(MemorySystem.load, _sample_dir(rc, sample), None, embedder=embedder)
                 await ms.ensure_index()
-                _freeze()  # a loaded memory lives as long as the run: out of the collector's scans
+                gc.freeze()  # a loaded memory lives as long as the run: out of the collector's scans
             memories[sample.id] = ms
             stopped = ms.meta.get("stopped") or ({"reason": ms.meta["build_error"]} if ms.meta.get("build_error")
                                                  else None)

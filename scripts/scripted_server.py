@@ -130,6 +130,14 @@ class _FastPaths:
         await response(scope, receive, send)
 
 
+async def _json_body(request: Request) -> dict | None:
+    try:
+        body = json.loads(await request.body())
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def _b64_floats(vec: list[float]) -> str:
     return base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
 
@@ -233,11 +241,10 @@ class ScriptedServer:
             return {"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "tests"}]}
 
         async def chat(request: Request):
-            try:
-                body = json.loads(await request.body())
-            except ValueError:
-                return JSONResponse({"error": {"message": "the body is not JSON", "type": "invalid_request_error"}},
-                                    400)
+            body = await _json_body(request)
+            if body is None:
+                return JSONResponse({"error": {"message": "the body is not a JSON object",
+                                               "type": "invalid_request_error"}}, 400)
             task = request.headers.get(TASK_HEADER, "unknown")
             t0 = time.perf_counter()
             self._enter()
@@ -274,11 +281,10 @@ class ScriptedServer:
                 self._exit(rec)
 
         async def embeddings(request: Request):
-            try:
-                body = json.loads(await request.body())
-            except ValueError:
-                return JSONResponse({"error": {"message": "the body is not JSON", "type": "invalid_request_error"}},
-                                    400)
+            body = await _json_body(request)
+            if body is None:
+                return JSONResponse({"error": {"message": "the body is not a JSON object",
+                                               "type": "invalid_request_error"}}, 400)
             inputs = body.get("input", [])
             inputs = [inputs] if isinstance(inputs, str) else inputs
             t0 = time.perf_counter()

@@ -36,24 +36,11 @@ MESSAGES = [{"role": "system", "content": "You answer questions from a user's lo
              + "\n\nCurrent date: 2024-12-01\nQuestion: Where did I go in March?"}]
 
 
-def _children_cpu(me) -> float:
-    total = 0.0
-    for child in me.children(recursive=True):
-        try:
-            t = child.cpu_times()
-            total += t.user + t.system
-        except Exception:  # noqa: BLE001 - a child that just exited
-            pass
-    return total
-
-
 async def _send(url: str, variant: str, n: int, c: int, workers: int) -> dict:
-    import psutil
-
+    from http_workers import workers_cpu_s
     from llm_client import TASK_HEADER, LLMClient
     from prompts import Prompt
 
-    me = psutil.Process()
     sem = asyncio.Semaphore(c)
     client = sdk = None
     if variant.startswith("before"):
@@ -81,9 +68,9 @@ async def _send(url: str, variant: str, n: int, c: int, workers: int) -> dict:
 
     await asyncio.gather(*(one() for _ in range(min(2 * c, n))))  # warm up connections, workers and the SDK
     gc.collect()
-    cpu0, kids0, t0 = time.process_time(), _children_cpu(me), time.perf_counter()
+    cpu0, kids0, t0 = time.process_time(), workers_cpu_s(), time.perf_counter()
     await asyncio.gather(*(one() for _ in range(n)))
-    cpu, kids, wall = time.process_time() - cpu0, _children_cpu(me) - kids0, time.perf_counter() - t0
+    cpu, kids, wall = time.process_time() - cpu0, workers_cpu_s() - kids0, time.perf_counter() - t0
     if client is not None:
         await client.aclose()
     if sdk is not None:
